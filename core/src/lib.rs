@@ -1,0 +1,14 @@
+//! portwake: socket activation of whole containers.
+//!
+//! Dependencies run one way: [`config`] (with [`address`]) → [`listener`] →
+//! [`daemon`] (event loop and unit lifecycle, with [`start_guard`]) →
+//! [`plugin_host`] (the only code that calls into plugins). [`check`] reuses
+//! config and plugin host without binding anything.
+
+pub mod address;
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod listener;
+pub mod plugin_host;
+pub mod start_guard;

@@ -1,0 +1,19 @@
+//! portwake's plugin ABI (version 1) and the safe Rust SDK for writing plugins.
+//!
+//! - [`abi`]: the `#[repr(C)]` types and constants that cross the boundary; the C
+//!   header under `include/` is generated from them.
+//! - [`sdk`]: the [`Plugin`](sdk::Plugin) trait and the [`export_plugin!`] macro.
+//! - [`spawn`]: start a guest process with exactly its listeners at fd 3, 4, … and
+//!   the `LISTEN_*` environment, as systemd does.
+
+pub mod abi;
+#[cfg(feature = "ron")]
+pub mod options;
+pub mod sdk;
+pub mod spawn;
+mod sys;
+
+pub use sdk::{
+    Activation, GuestExit, GuestId, GuestInfo, Host, ListenFd, LogLevel, Plugin, SocketKind,
+};
+pub use spawn::{GuestCommand, GuestProcess, SpawnError};

@@ -1,0 +1,219 @@
+//! Starting a guest process the way systemd starts a socket-activated service:
+//! exactly the given listeners at fd 3, 4, …, `LISTEN_FDS`, `LISTEN_FDNAMES`, and
+//! `LISTEN_PID` equal to the child's own pid; every other fd of the daemon closed.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::sdk::{GuestExit, ListenFd};
+use crate::sys;
+
+/// Variables the daemon may itself have been given that must not leak to a guest.
+const DAEMON_ONLY_ENV: [&str; 4] = [
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+];
+
+/// Why a guest could not be spawned.
+#[derive(Debug)]
+pub enum SpawnError {
+    /// The command line was empty.
+    EmptyCommand,
+    /// A program name without '/' was not found in `PATH`.
+    NotFound(String),
+    /// An argument, variable or path held a NUL byte.
+    Nul(String),
+    /// A syscall failed, in the parent or in the child before exec.
+    Os {
+        /// The program being started.
+        program: PathBuf,
+        /// What the child was doing.
+        step: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::EmptyCommand => f.write_str("command is empty"),
+            Self::NotFound(p) => write!(f, "{p}: command not found in PATH"),
+            Self::Nul(what) => write!(f, "{what} contains a NUL byte"),
+            Self::Os {
+                program,
+                step,
+                source,
+            } => write!(f, "{}: {step} failed: {source}", program.display()),
+        }
+    }
+}
+
+impl std::error::Error for SpawnError {}
+
+/// A command to run as a guest with listening fds.
+#[derive(Debug, Clone)]
+pub struct GuestCommand {
+    argv: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    working_dir: Option<PathBuf>,
+    new_session: bool,
+}
+
+impl GuestCommand {
+    /// `argv[0]` is the program: a path, or a name looked up in `PATH`.
+    pub fn new(argv: impl IntoIterator<Item = impl Into<OsString>>) -> Self {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            working_dir: None,
+            new_session: true,
+        }
+    }
+
+    /// Sets a variable on top of the inherited environment.
+    pub fn env(&mut self, name: impl Into<OsString>, value: impl Into<OsString>) -> &mut Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Runs the guest in `dir`.
+    pub fn working_dir(&mut self, dir: impl Into<PathBuf>) -> &mut Self {
+        self.working_dir = Some(dir.into());
+        self
+    }
+
+    /// Whether the guest gets a session (and process group) of its own; default yes,
+    /// so that stopping it reaches everything it forked and a terminal's Ctrl-C
+    /// reaches only the daemon.
+    pub fn new_session(&mut self, yes: bool) -> &mut Self {
+        self.new_session = yes;
+        self
+    }
+
+    /// Spawns the guest with `fds` at 3, 4, … and the `LISTEN_*` variables.
+    pub fn spawn(&self, fds: &[ListenFd<'_>]) -> Result<GuestProcess, SpawnError> {
+        let program = self.argv.first().ok_or(SpawnError::EmptyCommand)?;
+        let path = resolve_program(program)?;
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !DAEMON_ONLY_ENV.iter().any(|d| OsStr::new(d) == k))
+            .collect();
+        for (k, v) in &self.env {
+            env.retain(|(old, _)| old != k);
+            env.push((k.clone(), v.clone()));
+        }
+        env.retain(|(k, _)| !DAEMON_ONLY_ENV.iter().any(|d| OsStr::new(d) == k));
+        env.push(("LISTEN_FDS".into(), fds.len().to_string().into()));
+        let names: Vec<&str> = fds.iter().map(|f| f.name).collect();
+        env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+
+        let c_path = cstring(path.as_os_str().as_bytes(), "program path")?;
+        let args = self
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes(), "argument"))
+            .collect::<Result<_, _>>()?;
+        let env = env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend(v.into_vec());
+                cstring(&kv, "environment variable")
+            })
+            .collect::<Result<_, _>>()?;
+        let cwd = self
+            .working_dir
+            .as_ref()
+            .map(|d| cstring(d.as_os_str().as_bytes(), "working directory"))
+            .transpose()?;
+        let borrowed: Vec<_> = fds.iter().map(|f| f.fd).collect();
+        let mut plan = sys::ExecPlan::new(c_path, args, env, cwd, &borrowed, self.new_session);
+        let pid = sys::fork_exec(&mut plan).map_err(|(step, source)| SpawnError::Os {
+            program: path.clone(),
+            step: if step == 0 {
+                "fork"
+            } else {
+                sys::ChildStep::describe(step)
+            },
+            source,
+        })?;
+        Ok(GuestProcess {
+            pid,
+            group: self.new_session,
+        })
+    }
+}
+
+fn cstring(bytes: &[u8], what: &str) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| SpawnError::Nul(what.to_owned()))
+}
+
+/// Finds `program` as `execvp` would, but before forking.
+fn resolve_program(program: &OsStr) -> Result<PathBuf, SpawnError> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| is_executable(candidate))
+        .ok_or_else(|| SpawnError::NotFound(program.to_string_lossy().into_owned()))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// A spawned guest: its pid, and whether it leads its own process group.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestProcess {
+    /// The guest's pid.
+    pub pid: i32,
+    group: bool,
+}
+
+impl GuestProcess {
+    /// Blocks until the guest's main process exits, and reaps it.
+    pub fn wait(&self) -> GuestExit {
+        match sys::wait_pid(self.pid) {
+            Ok(status) => match sys::decode_status(status) {
+                (true, code) => GuestExit::Exited(code),
+                (false, signal) => GuestExit::Signaled(signal),
+            },
+            Err(_) => GuestExit::Unknown,
+        }
+    }
+
+    /// Sends `signal` to the guest (its whole process group when it has one);
+    /// `false` when nothing was left to signal.
+    pub fn signal(&self, signal: i32) -> std::io::Result<bool> {
+        if self.group {
+            sys::kill_group(self.pid, signal)
+        } else {
+            sys::kill_pid(self.pid, signal)
+        }
+    }
+
+    /// SIGTERM, then SIGKILL once `timeout` passes while `exited()` stays false.
+    /// `exited` is polled, as the reaping happens on another thread.
+    pub fn terminate(&self, timeout: Duration, exited: impl Fn(Duration) -> bool) -> bool {
+        if !self.signal(libc::SIGTERM).unwrap_or(false) {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        if exited(deadline.saturating_duration_since(Instant::now())) {
+            return true;
+        }
+        let _ = self.signal(libc::SIGKILL);
+        exited(Duration::from_secs(5))
+    }
+}
