@@ -331,17 +331,19 @@ impl Validator<'_> {
         for unit in raw {
             let count = seen_names.entry(unit.name.clone()).or_default();
             *count += 1;
+            // Which occurrence of this name's literal is this unit's own.
+            let nth_name = *count - 1;
             let at = format!("unit {:?}", unit.name);
-            if *count > 1 {
+            if nth_name > 0 {
                 self.problem(
-                    Some((&unit.name, *count - 1)),
+                    Some((&unit.name, nth_name)),
                     format!("{at}: name"),
                     "duplicate unit name".into(),
                 );
             }
             if !valid_unit_name(&unit.name) {
                 self.problem(
-                    Some((&unit.name, 0)),
+                    Some((&unit.name, nth_name)),
                     format!("{at}: name"),
                     "must be 1-255 characters of A-Z a-z 0-9 _ . @ -".into(),
                 );
@@ -351,7 +353,7 @@ impl Validator<'_> {
             }
             if unit.listen.is_empty() {
                 self.problem(
-                    Some((&unit.name, 0)),
+                    Some((&unit.name, nth_name)),
                     format!("{at}: listen"),
                     "is empty: a unit needs at least one listener".into(),
                 );
@@ -518,7 +520,7 @@ impl Validator<'_> {
         if address.is_unix() && (s.reuse_port || s.free_bind || s.bind_to_device.is_some()) {
             self.problem(
                 lit,
-                format!("{field}"),
+                field.to_owned(),
                 "reuse_port, free_bind and bind_to_device apply only to IP sockets".into(),
             );
         }
@@ -692,10 +694,10 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "host.ron:2:55: unit \"a\": listen[0].address: \"127.0.0.1:99999\": port must be 1 to 65535",
+                "host.ron:2:56: unit \"a\": listen[0].address: \"127.0.0.1:99999\": port must be 1 to 65535",
                 "host.ron:3:10: unit \"a\": name: duplicate unit name",
                 "host.ron:3:10: unit \"a\": listen: is empty: a unit needs at least one listener",
-                "host.ron: unit \"b\": listen[1].address: Stream 127.0.0.1:80 is already a listener of unit \"b\"",
+                "host.ron:4:89: unit \"b\": listen[1].address: Stream 127.0.0.1:80 is already a listener of unit \"b\"",
             ]
         );
     }

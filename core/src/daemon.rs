@@ -135,11 +135,11 @@ impl HostEvents for UnitEvents {
     fn log(&self, level: u32, message: &str) {
         let unit = self.name.as_str();
         match level {
-            abi::PW_LOG_ERROR => error!(unit, "{message}"),
-            abi::PW_LOG_WARN => warn!(unit, "{message}"),
-            abi::PW_LOG_INFO => info!(unit, "{message}"),
-            abi::PW_LOG_DEBUG => debug!(unit, "{message}"),
-            _ => tracing::trace!(unit, "{message}"),
+            abi::PW_LOG_ERROR => error!(unit = %unit, "{message}"),
+            abi::PW_LOG_WARN => warn!(unit = %unit, "{message}"),
+            abi::PW_LOG_INFO => info!(unit = %unit, "{message}"),
+            abi::PW_LOG_DEBUG => debug!(unit = %unit, "{message}"),
+            _ => tracing::trace!(unit = %unit, "{message}"),
         }
     }
 
@@ -454,7 +454,7 @@ impl Daemon {
         match result {
             Ok(pid) => {
                 info!(
-                    unit = name,
+                    unit = %name,
                     guest,
                     pid = pid.unwrap_or(0),
                     took_ms,
@@ -472,7 +472,7 @@ impl Daemon {
                 }
             }
             Err(e) => {
-                error!(unit = name, guest, error = %e, "activation failed");
+                error!(unit = %name, guest, error = %e, "activation failed");
                 let backoff = self.units[u].guard.start_failed();
                 if self.shutdown_deadline.is_some() {
                     self.units[u].state = State::Listening;

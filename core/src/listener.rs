@@ -87,11 +87,6 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, ListenError> {
             source,
         }
     };
-    let socket_type = match config.kind {
-        SocketKind::Stream => Type::STREAM,
-        SocketKind::Datagram => Type::DGRAM,
-        SocketKind::SequentialPacket => Type::SEQPACKET,
-    };
     let (domain, address) = match &config.address {
         ListenAddress::Path(path) => (Domain::UNIX, SockAddr::unix(path).map_err(os("address"))?),
         ListenAddress::Abstract(name) => (
@@ -103,7 +98,7 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, ListenError> {
             (Domain::for_address(addr), SockAddr::from(addr))
         }
     };
-    let socket = Socket::new(domain, socket_type, None).map_err(os("socket"))?;
+    let socket = Socket::new(domain, socket_type(config.kind), None).map_err(os("socket"))?;
     if !config.address.is_unix() {
         socket.set_reuse_address(true).map_err(os("SO_REUSEADDR"))?;
         if config.reuse_port {
@@ -160,6 +155,14 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, ListenError> {
     })
 }
 
+fn socket_type(kind: SocketKind) -> Type {
+    match kind {
+        SocketKind::Stream => Type::STREAM,
+        SocketKind::Datagram => Type::DGRAM,
+        SocketKind::SequentialPacket => Type::SEQPACKET,
+    }
+}
+
 fn in_use_hint(address: &ListenAddress) -> String {
     match address {
         ListenAddress::Inet(a) => format!(" (another socket is bound to port {})", a.port()),
@@ -211,12 +214,7 @@ fn prepare_path(path: &Path, config: &ListenerConfig, listener: &str) -> Result<
 
 /// Whether something still listens on the socket file at `path`.
 fn socket_is_live(path: &Path, kind: SocketKind) -> bool {
-    let socket_type = match kind {
-        SocketKind::Stream => Type::STREAM,
-        SocketKind::Datagram => Type::DGRAM,
-        SocketKind::SequentialPacket => Type::SEQPACKET,
-    };
-    let Ok(probe) = Socket::new(Domain::UNIX, socket_type, None) else {
+    let Ok(probe) = Socket::new(Domain::UNIX, socket_type(kind), None) else {
         return false;
     };
     let Ok(addr) = SockAddr::unix(path) else {

@@ -94,12 +94,9 @@ pub enum GuestUnitsError {
         /// What is expected instead.
         reason: String,
     },
-    /// A `%` specifier whose value only the running guest knows (hostname, machine ID, ...), or an
-    /// unknown one; write `%%` for a literal percent sign.
-    #[error(
-        "{}:{line}: {key}={value}: specifier '%{specifier}' cannot be resolved outside the guest",
-        file.display()
-    )]
+    /// A `%` specifier whose value only the running guest knows (hostname, machine ID, ...), an
+    /// unknown one, or a lone `%` at the end; `%%` is a literal percent sign.
+    #[error("{}:{line}: {key}={value}: {}", file.display(), specifier_problem(*specifier))]
     Specifier {
         /// The unit file.
         file: PathBuf,
@@ -109,8 +106,8 @@ pub enum GuestUnitsError {
         key: String,
         /// The value as written.
         value: String,
-        /// The character after `%`, or `%` itself for a trailing lone `%`.
-        specifier: char,
+        /// The character after `%`; `None` for a `%` that ends the value.
+        specifier: Option<char>,
     },
     /// A combination `socket_verify()` refuses, so the guest loads no socket from this unit.
     #[error("{}:{line}: systemd refuses to load {unit}: {reason}", file.display())]
@@ -124,6 +121,13 @@ pub enum GuestUnitsError {
         /// The rule broken.
         reason: String,
     },
+}
+
+fn specifier_problem(specifier: Option<char>) -> String {
+    match specifier {
+        Some(c) => format!("specifier %{c} cannot be resolved outside the guest"),
+        None => "a lone '%' ends the value (write %% for a percent sign)".to_owned(),
+    }
 }
 
 impl GuestUnitsError {

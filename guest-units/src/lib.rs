@@ -7,6 +7,14 @@
 //! as systemd does (search path, drop-ins, masking, `.wants/` enablement, unit-file syntax) and
 //! compares addresses with systemd's rules, so `portwake check` can catch a mismatch first.
 //!
+//! The systemd sources followed, function by function: `config_parse()` (`src/shared/conf-parser.c`)
+//! for the syntax; `config_parse_socket_listen()` and friends (`src/core/load-fragment.c`) for the
+//! `[Socket]` keys; `socket_verify()` and `socket_fdname()` (`src/core/socket.c`);
+//! `unit_file_find_dropin_paths()` (`src/shared/dropin.c`) and `process_deps()`
+//! (`src/core/load-dropin.c`) for drop-ins and `.wants/`; `socket_address_parse()`
+//! (`src/shared/socket-netlink.c`) and `socket_address_matches_fd()`/`socket_address_equal()`
+//! (`src/basic/socket-util.c`) for addresses.
+//!
 //! ```
 //! use portwake_guest_units::{matches_address, parse_address, GuestAddress, HostSocket, ListenKind};
 //!
@@ -39,7 +47,7 @@ pub fn matches(line: &ListenLine, host: &HostSocket, guest_ipv6: bool) -> bool {
     line.matches(host, guest_ipv6)
 }
 
-/// [`matches`] for an address not read from a unit file (e.g. one a user typed).
+/// [`matches()`] for an address not read from a unit file (e.g. one a user typed).
 pub fn matches_address(
     kind: ListenKind,
     guest: &GuestAddress,

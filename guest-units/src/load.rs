@@ -12,7 +12,7 @@ use crate::root::{is_missing, GuestRoot, Resolved};
 use crate::{specifier, unitfile};
 
 /// The system manager's unit search path inside a guest, highest precedence first, as
-/// `lookup_paths_init()` (systemd `src/basic/path-lookup.c`) builds it for a Debian-style split-usr
+/// `lookup_paths_init()` (systemd `path-lookup.c`) builds it for a Debian-style split-usr
 /// build, where `SYSTEM_DATA_UNIT_DIR` is `/lib/systemd/system`. Generator, transient and
 /// `.control`/`.attached` directories only exist while the guest runs and are not read.
 pub const SEARCH_DIRS: [&str; 5] = [
@@ -380,7 +380,8 @@ impl Loader {
 
     /// Units named by symlinks in `*.wants/` and `*.requires/` directories, with the symlinks.
     /// Per directory name the highest-precedence entry wins, so `/etc` can mask a `/lib` entry
-    /// with `/dev/null`; a plain file is ignored, as PID 1's `process_deps()` does.
+    /// with `/dev/null`; a plain file is ignored, as PID 1's `process_deps()` does
+    /// (systemd `src/core/load-dropin.c`).
     fn enablement(&self) -> Result<BTreeMap<String, Vec<PathBuf>>, GuestUnitsError> {
         let mut dep_dirs = BTreeSet::new();
         for dir in &self.dirs {
@@ -414,9 +415,10 @@ impl Loader {
         Ok(enabled)
     }
 
-    /// The drop-in directories of `name` in `unit_file_find_dropin_paths()` order: per search
-    /// directory `NAME.d` then the dash prefixes (`foo-bar-.socket.d`, `foo-.socket.d`), then the
-    /// type-wide `socket.d` of every search directory.
+    /// The drop-in directories of `name` in `unit_file_find_dropin_paths()` order
+    /// (systemd `src/shared/dropin.c`): per search directory `NAME.d` then the dash prefixes
+    /// (`foo-bar-.socket.d`, `foo-.socket.d`), then the type-wide `socket.d` of every search
+    /// directory.
     fn dropin_dirs(&self, name: &str) -> Vec<PathBuf> {
         let mut names = vec![format!("{name}.d")];
         names.extend(dash_prefixes(name).into_iter().map(|p| format!("{p}.d")));

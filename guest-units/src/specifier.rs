@@ -6,8 +6,9 @@
 //! boot ID, os-release fields, ...) are known only inside the running guest and are reported.
 
 /// Expands the specifiers of `value` for the non-template unit `unit` (e.g. `foo-bar.socket`).
-/// Returns the offending character for a specifier that cannot be resolved here.
-pub(crate) fn expand(value: &str, unit: &str) -> Result<String, char> {
+/// Returns the offending character for a specifier that cannot be resolved here, `None` for a
+/// trailing lone `%`.
+pub(crate) fn expand(value: &str, unit: &str) -> Result<String, Option<char>> {
     let stem = unit.rsplit_once('.').map_or(unit, |(stem, _)| stem);
     let mut out = String::with_capacity(value.len());
     let mut chars = value.chars();
@@ -17,7 +18,7 @@ pub(crate) fn expand(value: &str, unit: &str) -> Result<String, char> {
             continue;
         }
         let Some(spec) = chars.next() else {
-            return Err('%');
+            return Err(None);
         };
         match spec {
             '%' => out.push('%'),
@@ -36,7 +37,7 @@ pub(crate) fn expand(value: &str, unit: &str) -> Result<String, char> {
             'h' => out.push_str("/root"),
             'u' | 'g' => out.push_str("root"),
             'U' | 'G' => out.push('0'),
-            other => return Err(other),
+            other => return Err(Some(other)),
         }
     }
     Ok(out)
@@ -64,7 +65,7 @@ mod tests {
 
     #[test]
     fn refuses_guest_only_and_dangling_specifiers() {
-        assert_eq!(expand("%H", "x.socket"), Err('H'));
-        assert_eq!(expand("50%", "x.socket"), Err('%'));
+        assert_eq!(expand("%H", "x.socket"), Err(Some('H')));
+        assert_eq!(expand("50%", "x.socket"), Err(None));
     }
 }

@@ -3,16 +3,19 @@
 //! - [`abi`]: the `#[repr(C)]` types and constants that cross the boundary; the C
 //!   header under `include/` is generated from them.
 //! - [`sdk`]: the [`Plugin`](sdk::Plugin) trait and the [`export_plugin!`] macro.
+//! - [`guests`]: spawn, reap, report and stop guest processes for a plugin.
 //! - [`spawn`]: start a guest process with exactly its listeners at fd 3, 4, … and
 //!   the `LISTEN_*` environment, as systemd does.
 
 pub mod abi;
+pub mod guests;
 #[cfg(feature = "ron")]
 pub mod options;
 pub mod sdk;
 pub mod spawn;
 mod sys;
 
+pub use guests::ProcessGuests;
 pub use sdk::{
     Activation, GuestExit, GuestId, GuestInfo, Host, ListenFd, LogLevel, Plugin, SocketKind,
 };

@@ -1,0 +1,114 @@
+//! Bookkeeping for plugins whose guest is one host process (the guest itself, or an
+//! engine's foreground process such as `systemd-nspawn` or `crun run`): spawn it,
+//! reap it on a thread of its own, report its exit once, and stop it on request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crate::sdk::{Activation, GuestExit, GuestId, GuestInfo, Host, LogLevel};
+use crate::spawn::{GuestCommand, GuestProcess};
+
+/// A running guest process and the record of its exit, filled by its reaper thread.
+#[derive(Debug)]
+struct Guest {
+    process: GuestProcess,
+    exit: Mutex<Option<GuestExit>>,
+    exited: Condvar,
+}
+
+impl Guest {
+    /// Waits up to `timeout` for the reaper thread to have reaped the guest.
+    fn wait_exited(&self, timeout: Duration) -> bool {
+        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
+        let (exit, _) = self
+            .exited
+            .wait_timeout_while(exit, timeout, |e| e.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        exit.is_some()
+    }
+}
+
+/// The guest processes of one plugin instance.
+#[derive(Debug)]
+pub struct ProcessGuests {
+    host: Host,
+    guests: Arc<Mutex<HashMap<GuestId, Arc<Guest>>>>,
+}
+
+impl ProcessGuests {
+    /// An empty set reporting to `host`.
+    pub fn new(host: Host) -> Self {
+        Self {
+            host,
+            guests: Arc::default(),
+        }
+    }
+
+    /// Spawns `command` with the activation's listeners and watches it; its exit is
+    /// reported to the host (once), after whatever is left in its process group is
+    /// killed, as systemd does once a service's main process is gone.
+    pub fn start(
+        &self,
+        activation: &Activation<'_>,
+        command: &GuestCommand,
+    ) -> Result<GuestInfo, String> {
+        let process = command.spawn(&activation.fds).map_err(|e| e.to_string())?;
+        let guest = Arc::new(Guest {
+            process,
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+        });
+        self.lock().insert(activation.guest, Arc::clone(&guest));
+        self.host.log(
+            LogLevel::Debug,
+            &format!("spawned pid {} for guest {}", process.pid, activation.guest),
+        );
+        let (id, host, guests) = (activation.guest, self.host, Arc::clone(&self.guests));
+        std::thread::Builder::new()
+            .name(format!("reap-{}", process.pid))
+            .spawn(move || {
+                let exit = guest.process.wait();
+                let _ = guest.process.signal(libc::SIGKILL);
+                *guest.exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(exit);
+                guest.exited.notify_all();
+                guests
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                host.guest_stopped(id, exit);
+            })
+            .map_err(|e| format!("spawning the reaper thread: {e}"))?;
+        Ok(GuestInfo {
+            pid: Some(i64::from(process.pid)),
+        })
+    }
+
+    /// SIGTERM, then SIGKILL after `timeout`; returns once the guest is reaped.
+    /// A guest that is already gone is fine: its exit is (being) reported.
+    pub fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
+        let Some(guest) = self.lock().get(&guest).cloned() else {
+            return Ok(());
+        };
+        if guest
+            .process
+            .terminate(timeout, |left| guest.wait_exited(left))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "pid {} did not exit after SIGKILL",
+                guest.process.pid
+            ))
+        }
+    }
+
+    /// The pid of a running guest.
+    pub fn pid(&self, guest: GuestId) -> Option<i32> {
+        self.lock().get(&guest).map(|g| g.process.pid)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<GuestId, Arc<Guest>>> {
+        self.guests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
