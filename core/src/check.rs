@@ -6,6 +6,7 @@ use std::sync::Arc;
 use portwake_plugin_api::GuestExit;
 
 use crate::config::{Config, ConfigError};
+use crate::guest_match;
 use crate::plugin_host::{self, HostEvents, PluginError, PluginInstance, PluginLibrary};
 
 /// Plugin callbacks during `check`: nothing is started, so nothing is reported.
@@ -16,20 +17,44 @@ impl HostEvents for Silent {
     fn guest_stopped(&self, _guest: u64, _exit: GuestExit) {}
 }
 
-/// Checks a config file; returns one line per problem (empty when clean).
-pub fn check(path: &Path) -> Vec<String> {
+/// What `check` found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// One line per problem; any problem makes `check` exit 1.
+    pub problems: Vec<String>,
+    /// Things worth knowing that are not problems.
+    pub notes: Vec<String>,
+}
+
+/// Checks a config file: syntax, values, plugins and their options, and listeners
+/// against guest socket units.
+pub fn check(path: &Path) -> CheckReport {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(ConfigError::Invalid { problems }) => {
-            return problems.iter().map(ToString::to_string).collect()
+            return CheckReport {
+                problems: problems.iter().map(ToString::to_string).collect(),
+                notes: Vec::new(),
+            }
         }
-        Err(e) => return vec![e.to_string()],
+        Err(e) => {
+            return CheckReport {
+                problems: vec![e.to_string()],
+                notes: Vec::new(),
+            }
+        }
     };
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let base = path.parent().unwrap_or(Path::new("."));
     let dirs = plugin_host::search_dirs(config.plugin_dir.as_deref());
     let mut problems = Vec::new();
+    let mut notes = Vec::new();
     for unit in &config.units {
+        if unit.guest_units.is_some() {
+            let plan = guest_match::plan(path, unit);
+            problems.extend(plan.problems);
+            notes.extend(plan.notes);
+        }
         let at = format!("{}: unit {:?}", path.display(), unit.name);
         let library = match plugin_host::resolve(&unit.plugin, base, &dirs)
             .and_then(|p| PluginLibrary::load(&p))
@@ -54,7 +79,7 @@ pub fn check(path: &Path) -> Vec<String> {
             Err(e) => problems.push(format!("{at}: plugin: {e}")),
         }
     }
-    problems
+    CheckReport { problems, notes }
 }
 
 /// Places an options error in the config file when the plugin gave a position

@@ -52,6 +52,22 @@ pub struct UnitConfig {
     pub trigger_limit: TriggerLimit,
     /// How long to back off once the trigger limit is hit.
     pub backoff: BackoffPolicy,
+    /// The guest's systemd units (a guest root or unit directory), to order fds by
+    /// and to check listeners against.
+    pub guest_units: Option<PathBuf>,
+    /// Whether the guest has IPv6: a bare `ListenStream=PORT` then means `[::]:PORT`.
+    pub guest_ipv6: bool,
+    /// What `run` does when listeners and guest units disagree.
+    pub on_guest_mismatch: MismatchPolicy,
+}
+
+/// What `run` does with a unit whose listeners do not match its guest units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MismatchPolicy {
+    /// Refuse to start the daemon (the default: a mismatch fails silently in the guest).
+    Refuse,
+    /// Log each problem and run anyway.
+    Warn,
 }
 
 /// At most `burst` starts within `interval`, as systemd's `TriggerLimit*=`.
@@ -108,6 +124,10 @@ pub struct ListenerConfig {
     pub user: Option<String>,
     /// Unix socket file group.
     pub group: Option<String>,
+    /// Whether `name` was given in the config (else a guest unit may name the fd).
+    pub named: bool,
+    /// (line, column) of the address in the config file, when found.
+    pub position: Option<(usize, usize)>,
 }
 
 impl ListenerConfig {
@@ -216,6 +236,12 @@ struct RawUnit {
     trigger_limit: Option<RawTriggerLimit>,
     #[serde(default)]
     backoff: Option<RawBackoff>,
+    #[serde(default)]
+    guest_units: Option<PathBuf>,
+    #[serde(default)]
+    guest_ipv6: Option<bool>,
+    #[serde(default)]
+    on_guest_mismatch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -428,7 +454,23 @@ impl Validator<'_> {
                         .unwrap_or(DEFAULT_BACKOFF_MAX),
                 },
             };
+            let on_guest_mismatch = match unit.on_guest_mismatch.as_deref() {
+                None | Some("refuse") => MismatchPolicy::Refuse,
+                Some("warn") => MismatchPolicy::Warn,
+                Some(other) => {
+                    self.problem(
+                        Some((other, 0)),
+                        format!("{at}: on_guest_mismatch"),
+                        format!("{other:?}: expected \"refuse\" or \"warn\""),
+                    );
+                    MismatchPolicy::Refuse
+                }
+            };
+            let base = self.path.parent().unwrap_or(Path::new("."));
             units.push(UnitConfig {
+                guest_units: unit.guest_units.map(|g| base.join(g)),
+                guest_ipv6: unit.guest_ipv6.unwrap_or(true),
+                on_guest_mismatch,
                 name: unit.name,
                 plugin: unit.plugin,
                 options: unit
@@ -554,6 +596,7 @@ impl Validator<'_> {
         if s.backlog == Some(0) {
             self.problem(lit, format!("{field}.backlog"), "must be at least 1".into());
         }
+        let named = s.name.is_some();
         let name = s.name.unwrap_or_else(|| unit.to_owned());
         if !valid_fd_name(&name) {
             self.problem(
@@ -577,6 +620,8 @@ impl Validator<'_> {
             mode: s.mode,
             user: s.user,
             group: s.group,
+            named,
+            position: lit.and_then(|(l, nth)| locate(self.text, &format!("{l:?}"), nth)),
         })
     }
 }

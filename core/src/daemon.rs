@@ -18,7 +18,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, UnitConfig};
+use crate::config::{Config, MismatchPolicy, UnitConfig};
+use crate::guest_match;
 use crate::listener::{self, BoundSocket, ListenError};
 use crate::plugin_host::{
     self, ActivationFd, HostEvents, PluginError, PluginInstance, PluginLibrary,
@@ -48,6 +49,14 @@ pub enum DaemonError {
         unit: String,
         /// What went wrong.
         source: ListenError,
+    },
+    /// A unit's listeners do not match its guest's socket units.
+    #[error("unit {unit:?}: listeners do not match the guest's socket units (set on_guest_mismatch: \"warn\" to run anyway):\n{problems}")]
+    GuestMismatch {
+        /// The unit.
+        unit: String,
+        /// One problem per line, as `portwake check` prints them.
+        problems: String,
     },
     /// The event loop itself failed.
     #[error("event loop: {step}: {source}")]
@@ -210,6 +219,7 @@ impl Daemon {
         let mut units = Vec::with_capacity(config.units.len());
         let mut token_unit = Vec::new();
         for (index, unit) in config.units.iter().enumerate() {
+            let unit = &guest_ordered(config, unit)?;
             let plugin_error = |source| DaemonError::Plugin {
                 unit: unit.name.clone(),
                 source,
@@ -625,6 +635,30 @@ impl Daemon {
             }
         }
     }
+}
+
+/// The unit with its listeners in its guest's fd order, if it names guest units;
+/// refuses (or warns about) listeners the guest would not adopt.
+fn guest_ordered(config: &Config, unit: &UnitConfig) -> Result<UnitConfig, DaemonError> {
+    if unit.guest_units.is_none() {
+        return Ok(unit.clone());
+    }
+    let plan = guest_match::plan(&config.path, unit);
+    if !plan.problems.is_empty() {
+        if unit.on_guest_mismatch == MismatchPolicy::Refuse {
+            return Err(DaemonError::GuestMismatch {
+                unit: unit.name.clone(),
+                problems: plan.problems.join("\n"),
+            });
+        }
+        for problem in &plan.problems {
+            warn!(unit = %unit.name, problem = %problem, "listener does not match the guest's units");
+        }
+    }
+    for note in &plan.notes {
+        info!(unit = %unit.name, note = %note, "guest units");
+    }
+    Ok(guest_match::apply(unit, &plan))
 }
 
 impl Unit {

@@ -1,6 +1,7 @@
 //! portwake: socket activation of whole containers.
 //!
-//! Dependencies run one way: [`config`] (with [`address`]) → [`listener`] →
+//! Dependencies run one way: [`config`] (with [`address`]) → [`guest_match`]
+//! (listeners against the guest's systemd units) → [`listener`] →
 //! [`daemon`] (event loop and unit lifecycle, with [`start_guard`]) →
 //! [`plugin_host`] (the only code that calls into plugins). [`check`] reuses
 //! config and plugin host without binding anything.
@@ -9,6 +10,7 @@ pub mod address;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod guest_match;
 pub mod listener;
 pub mod plugin_host;
 pub mod start_guard;

@@ -36,6 +36,21 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print a host config unit derived from a guest's enabled socket units.
+    Generate {
+        /// The guest's root directory, or a unit directory.
+        #[arg(long)]
+        guest_units: PathBuf,
+        /// The unit's name (default: the guest directory's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The plugin that starts the guest.
+        #[arg(long, default_value = "nspawn")]
+        plugin: String,
+        /// The guest has no IPv6: a bare port means 0.0.0.0:PORT to it.
+        #[arg(long)]
+        no_ipv6: bool,
+    },
     /// List the plugins found, with their ABI and plugin versions.
     Plugins {
         /// Search this directory first.
@@ -70,15 +85,36 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config } => {
-            let problems = portwake::check::check(&config);
-            for p in &problems {
+            let report = portwake::check::check(&config);
+            for p in &report.problems {
                 println!("{p}");
             }
-            if problems.is_empty() {
+            for n in &report.notes {
+                println!("note: {n}");
+            }
+            if report.problems.is_empty() {
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Command::Generate {
+            guest_units,
+            name,
+            plugin,
+            no_ipv6,
+        } => {
+            let name = name.unwrap_or_else(|| default_unit_name(&guest_units));
+            match portwake::guest_match::generate(&guest_units, &name, &plugin, !no_ipv6) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("portwake: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
         Command::Plugins { plugin_dir } => {
@@ -105,6 +141,20 @@ fn run(path: &std::path::Path) -> anyhow::Result<()> {
     let daemon = Daemon::new(&config).context("cannot start")?;
     daemon.run()?;
     Ok(())
+}
+
+/// The guest root's directory name, skipping a trailing `etc/systemd/system`.
+fn default_unit_name(guest_units: &std::path::Path) -> String {
+    guest_units
+        .ancestors()
+        .filter_map(|p| p.file_name()?.to_str())
+        .find(|n| !["system", "systemd", "etc", "lib", "usr", "local", "run"].contains(n))
+        .filter(|n| {
+            n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.@-".contains(&b))
+        })
+        .unwrap_or("guest")
+        .to_owned()
 }
 
 fn init_logging(level: tracing::Level, format: LogFormat) {
