@@ -57,7 +57,7 @@ pub fn check(path: &Path) -> CheckReport {
         }
         let at = format!("{}: unit {:?}", path.display(), unit.name);
         let library = match plugin_host::resolve(&unit.plugin, base, &dirs)
-            .and_then(|p| PluginLibrary::load(&p))
+            .and_then(|p| PluginLibrary::load_with(&p, config.allow_untrusted_plugins))
         {
             Ok(l) => l,
             Err(e) => {

@@ -14,6 +14,8 @@ use crate::address::ListenAddress;
 
 /// Default stop timeout: SIGTERM (or the engine's polite stop), then force.
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a plugin's `activate` may take before the unit fails and backs off.
+const DEFAULT_ACTIVATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// systemd's defaults for socket units: `TriggerLimitIntervalSec=2s`, `TriggerLimitBurst=20`.
 const DEFAULT_TRIGGER_INTERVAL: Duration = Duration::from_secs(2);
 const DEFAULT_TRIGGER_BURST: u32 = 20;
@@ -29,6 +31,8 @@ pub struct Config {
     pub plugin_dir: Option<PathBuf>,
     /// Control socket path (used by the operations commands).
     pub control_socket: Option<PathBuf>,
+    /// Load plugins that fail the root trust check (`plugin_host::trust`); development only.
+    pub allow_untrusted_plugins: bool,
     /// The units, in file order.
     pub units: Vec<UnitConfig>,
 }
@@ -48,6 +52,8 @@ pub struct UnitConfig {
     pub env: Vec<(String, String)>,
     /// How long a stop may take before the plugin forces it.
     pub stop_timeout: Duration,
+    /// How long the plugin's `activate` may take before the unit fails (and backs off).
+    pub activate_timeout: Duration,
     /// Start-loop guard.
     pub trigger_limit: TriggerLimit,
     /// How long to back off once the trigger limit is hit.
@@ -59,6 +65,9 @@ pub struct UnitConfig {
     pub guest_ipv6: bool,
     /// What `run` does when listeners and guest units disagree.
     pub on_guest_mismatch: MismatchPolicy,
+    /// Stop a running guest once no connection on its stream listeners has been
+    /// open for this long.
+    pub idle_stop: Option<Duration>,
 }
 
 /// What `run` does with a unit whose listeners do not match its guest units.
@@ -217,6 +226,8 @@ struct RawConfig {
     plugin_dir: Option<PathBuf>,
     #[serde(default)]
     control_socket: Option<PathBuf>,
+    #[serde(default)]
+    allow_untrusted_plugins: bool,
     units: Vec<RawUnit>,
 }
 
@@ -233,6 +244,8 @@ struct RawUnit {
     #[serde(default)]
     stop_timeout: Option<String>,
     #[serde(default)]
+    activate_timeout: Option<String>,
+    #[serde(default)]
     trigger_limit: Option<RawTriggerLimit>,
     #[serde(default)]
     backoff: Option<RawBackoff>,
@@ -242,6 +255,8 @@ struct RawUnit {
     guest_ipv6: Option<bool>,
     #[serde(default)]
     on_guest_mismatch: Option<String>,
+    #[serde(default)]
+    idle_stop: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -325,6 +340,7 @@ impl Config {
             path: path.to_owned(),
             plugin_dir: raw.plugin_dir.map(|d| base.join(d)),
             control_socket: raw.control_socket,
+            allow_untrusted_plugins: raw.allow_untrusted_plugins,
             units,
         })
     }
@@ -419,6 +435,9 @@ impl Validator<'_> {
             let stop_timeout = self
                 .duration(&at, "stop_timeout", unit.stop_timeout.as_deref())
                 .unwrap_or(DEFAULT_STOP_TIMEOUT);
+            let activate_timeout = self
+                .duration(&at, "activate_timeout", unit.activate_timeout.as_deref())
+                .unwrap_or(DEFAULT_ACTIVATE_TIMEOUT);
             let trigger_limit = match unit.trigger_limit {
                 None => TriggerLimit {
                     interval: DEFAULT_TRIGGER_INTERVAL,
@@ -467,7 +486,16 @@ impl Validator<'_> {
                 }
             };
             let base = self.path.parent().unwrap_or(Path::new("."));
+            let idle_stop = self.duration(&at, "idle_stop", unit.idle_stop.as_deref());
+            if idle_stop.is_some() && !listen.iter().any(|l| l.kind != SocketKind::Datagram) {
+                self.problem(
+                    Some((&unit.name, nth_name)),
+                    format!("{at}: idle_stop"),
+                    "needs a Stream or SequentialPacket listener: connections are what keep a guest busy".into(),
+                );
+            }
             units.push(UnitConfig {
+                idle_stop,
                 guest_units: unit.guest_units.map(|g| base.join(g)),
                 guest_ipv6: unit.guest_ipv6.unwrap_or(true),
                 on_guest_mismatch,
@@ -479,6 +507,7 @@ impl Validator<'_> {
                 listen,
                 env: unit.env.into_iter().collect(),
                 stop_timeout,
+                activate_timeout,
                 trigger_limit,
                 backoff,
             });

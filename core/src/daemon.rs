@@ -1,11 +1,11 @@
-//! The event loop: one `mio::Poll` over every listener, a waker for plugin reports,
-//! and the signal pipe. Plugin calls run on worker threads and report back here, so
-//! a slow start of one unit never delays another.
+//! The event loop: one `mio::Poll` over every listener, a waker for plugin reports
+//! and control requests, and the signal pipe. Plugin calls run on worker threads
+//! and report back here, so a slow start of one unit never delays another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -14,24 +14,33 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use portwake_plugin_api::abi;
 use portwake_plugin_api::GuestExit;
+use sd_notify::NotifyState;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, MismatchPolicy, UnitConfig};
+use crate::config::{Config, ListenerConfig, MismatchPolicy, UnitConfig};
+use crate::control::{self, error_reply, Request};
 use crate::guest_match;
 use crate::listener::{self, BoundSocket, ListenError};
+use crate::metrics;
 use crate::plugin_host::{
     self, ActivationFd, HostEvents, PluginError, PluginInstance, PluginLibrary,
 };
-use crate::start_guard::{Backoff, StartGuard};
+use crate::sock_diag;
+use crate::start_guard::Backoff;
+use crate::supervisor::{self, Inherited};
+use crate::unit::{AfterStop, Listener, Prepared, State, Unit};
 
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// Extra time granted at shutdown beyond the longest stop timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Bounds of the idle-check period (a tenth of the shortest `idle_stop`).
+const IDLE_CHECK_MIN: Duration = Duration::from_millis(50);
+const IDLE_CHECK_MAX: Duration = Duration::from_secs(5);
 
-/// Why the daemon could not start or had to stop.
+/// Why the daemon could not start, or a reload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// A unit's plugin could not be found, loaded or created.
@@ -50,6 +59,14 @@ pub enum DaemonError {
         /// What went wrong.
         source: ListenError,
     },
+    /// A reload would need a listener bound anew where its old socket still holds the address.
+    #[error("unit {unit:?}: {message}")]
+    Rebind {
+        /// The unit.
+        unit: String,
+        /// Which option of which listener.
+        message: String,
+    },
     /// A unit's listeners do not match its guest's socket units.
     #[error("unit {unit:?}: listeners do not match the guest's socket units (set on_guest_mismatch: \"warn\" to run anyway):\n{problems}")]
     GuestMismatch {
@@ -58,6 +75,12 @@ pub enum DaemonError {
         /// One problem per line, as `portwake check` prints them.
         problems: String,
     },
+    /// The new config is invalid (reload).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The control socket could not be served.
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
     /// The event loop itself failed.
     #[error("event loop: {step}: {source}")]
     Io {
@@ -68,30 +91,14 @@ pub enum DaemonError {
     },
 }
 
-/// Where a unit is in its lifecycle.
-#[derive(Debug, Clone, Copy)]
-enum State {
-    /// Listeners registered; the next client starts the guest.
-    Listening,
-    /// The plugin is starting the guest; `exited` holds an exit reported meanwhile.
-    Starting {
-        guest: u64,
-        since: Instant,
-        exited: Option<GuestExit>,
-    },
-    /// The guest owns accept.
-    Running {
-        guest: u64,
-        pid: Option<i64>,
-        since: Instant,
-    },
-    /// The plugin is stopping the guest.
-    Stopping { guest: u64, since: Instant },
-    /// Waiting out a backoff; listeners not registered.
-    Backoff { until: Instant },
+/// Command-line overrides of the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Control socket path (else the config's, else the default).
+    pub control_socket: Option<PathBuf>,
 }
 
-/// What worker threads and plugin callbacks tell the loop.
+/// What worker threads, plugin callbacks and the control thread tell the loop.
 #[derive(Debug)]
 enum LoopEvent {
     Activated {
@@ -109,6 +116,7 @@ enum LoopEvent {
         guest: u64,
         exit: GuestExit,
     },
+    Control(control::Pending),
 }
 
 /// Sends events to the loop from any thread.
@@ -161,44 +169,43 @@ impl HostEvents for UnitEvents {
     }
 }
 
-struct Unit {
-    config: Arc<UnitConfig>,
-    sockets: Arc<Vec<BoundSocket>>,
-    /// Token of the first listener; the others follow.
-    first_token: usize,
-    plugin: Arc<PluginInstance>,
-    state: State,
-    registered: bool,
-    guard: StartGuard,
-    activations: u64,
-}
-
 /// The running daemon.
 pub struct Daemon {
     poll: Poll,
-    units: Vec<Unit>,
-    /// Token → unit index, for O(1) dispatch.
-    token_unit: Vec<usize>,
+    config_path: PathBuf,
+    control_path: PathBuf,
+    /// Units by slot; a removed unit leaves `None` so slots in flight stay valid.
+    units: Vec<Option<Unit>>,
+    by_name: HashMap<String, usize>,
+    /// Token → (unit slot, listener index), for O(1) dispatch.
+    tokens: Vec<Option<(usize, usize)>>,
+    free_tokens: Vec<usize>,
+    libraries: HashMap<PathBuf, Arc<PluginLibrary>>,
     inbox: Receiver<LoopEvent>,
     notifier: Arc<Notifier>,
     signals: Signals,
     next_guest: u64,
     /// Set once a stop signal came: the time by which the daemon exits regardless.
     shutdown_deadline: Option<Instant>,
+    next_idle_check: Option<Instant>,
 }
 
 impl std::fmt::Debug for Daemon {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Daemon")
-            .field("units", &self.units.len())
+            .field("config", &self.config_path)
+            .field("units", &self.by_name.len())
             .finish_non_exhaustive()
     }
 }
 
 impl Daemon {
-    /// Loads every plugin, creates every instance and binds every listener.
-    /// Nothing is started yet; any failure names its unit.
-    pub fn new(config: &Config) -> Result<Self, DaemonError> {
+    /// Loads every plugin, creates every instance, binds (or inherits) every
+    /// listener and serves the control socket. Nothing is started yet; any failure
+    /// names its unit.
+    pub fn new(config: &Config, options: &RunOptions) -> Result<Self, DaemonError> {
+        // First of all, before this process opens any fd of its own at 3, 4, ….
+        let mut inherited = Inherited::take();
         let io_error = |step| move |source| DaemonError::Io { step, source };
         let poll = Poll::new().map_err(io_error("creating the poll"))?;
         let waker = Waker::new(poll.registry(), WAKER).map_err(io_error("creating the waker"))?;
@@ -212,81 +219,48 @@ impl Daemon {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(io_error("registering signals"))?;
-
-        let base = config.path.parent().unwrap_or(std::path::Path::new("."));
-        let dirs = plugin_host::search_dirs(config.plugin_dir.as_deref());
-        let mut libraries: HashMap<PathBuf, Arc<PluginLibrary>> = HashMap::new();
-        let mut units = Vec::with_capacity(config.units.len());
-        let mut token_unit = Vec::new();
-        for (index, unit) in config.units.iter().enumerate() {
-            let unit = &guest_ordered(config, unit)?;
-            let plugin_error = |source| DaemonError::Plugin {
-                unit: unit.name.clone(),
-                source,
-            };
-            let path = plugin_host::resolve(&unit.plugin, base, &dirs).map_err(plugin_error)?;
-            let library = match libraries.get(&path) {
-                Some(l) => Arc::clone(l),
-                None => {
-                    let l = PluginLibrary::load(&path).map_err(plugin_error)?;
-                    libraries.insert(path, Arc::clone(&l));
-                    l
-                }
-            };
-            let events = Arc::new(UnitEvents {
-                unit: index,
-                name: unit.name.clone(),
-                notifier: Arc::clone(&notifier),
-            });
-            let plugin =
-                PluginInstance::create(library, &unit.options, events).map_err(plugin_error)?;
-            let sockets = unit
-                .listen
-                .iter()
-                .map(listener::bind)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|source| DaemonError::Listen {
-                    unit: unit.name.clone(),
-                    source,
-                })?;
-            let first_token = token_unit.len();
-            token_unit.extend(std::iter::repeat_n(index, sockets.len()));
-            for (listener, _) in unit.listen.iter().zip(&sockets) {
-                info!(unit = %unit.name, listener = %listener.describe(), name = %listener.name, "bound");
-            }
-            units.push(Unit {
-                config: Arc::new(unit.clone()),
-                sockets: Arc::new(sockets),
-                first_token,
-                plugin: Arc::new(plugin),
-                state: State::Listening,
-                registered: false,
-                guard: StartGuard::new(unit.trigger_limit, unit.backoff),
-                activations: 0,
-            });
-        }
+        let control_path = options
+            .control_socket
+            .clone()
+            .or_else(|| config.control_socket.clone())
+            .unwrap_or_else(control::default_path);
         let mut daemon = Self {
             poll,
-            units,
-            token_unit,
+            config_path: config.path.clone(),
+            control_path,
+            units: Vec::new(),
+            by_name: HashMap::new(),
+            tokens: Vec::new(),
+            free_tokens: Vec::new(),
+            libraries: HashMap::new(),
             inbox,
             notifier,
             signals,
             next_guest: 1,
             shutdown_deadline: None,
+            next_idle_check: None,
         };
-        for u in 0..daemon.units.len() {
-            daemon.register(u);
+        for unit in &config.units {
+            let slot = daemon.units.len();
+            let prepared = daemon.prepare(config, unit, slot, &mut inherited)?;
+            daemon.add_unit(prepared);
         }
+        inherited.release_unclaimed();
+        let notifier = Arc::clone(&daemon.notifier);
+        control::serve(&daemon.control_path, move |pending| {
+            notifier.send(LoopEvent::Control(pending));
+        })?;
         Ok(daemon)
     }
 
     /// Runs until SIGTERM or SIGINT, then stops every guest (bounded) and returns.
     pub fn run(mut self) -> Result<(), DaemonError> {
-        let listeners: usize = self.units.iter().map(|u| u.sockets.len()).sum();
-        info!(units = self.units.len(), listeners, "ready");
+        let listeners = self.listener_count();
+        info!(units = self.by_name.len(), listeners, control = %self.control_path.display(), "ready");
+        self.store_all_fds();
+        supervisor::notify(&[NotifyState::Ready, NotifyState::Status(&self.summary())]);
         let mut events = Events::with_capacity(256);
-        loop {
+        let result = loop {
             let timeout = self
                 .next_deadline()
                 .map(|d| d.saturating_duration_since(Instant::now()));
@@ -294,7 +268,7 @@ impl Daemon {
                 if source.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(DaemonError::Io {
+                break Err(DaemonError::Io {
                     step: "poll",
                     source,
                 });
@@ -313,72 +287,240 @@ impl Daemon {
             }
             let now = Instant::now();
             self.expire_backoffs(now);
+            self.expire_starts(now);
+            if self.next_idle_check.is_some_and(|t| t <= now) {
+                self.check_idle(now);
+            }
             if let Some(deadline) = self.shutdown_deadline {
-                if self.units.iter().all(|u| !u.has_guest()) {
+                if self.live_units().all(|(_, u)| !u.has_guest()) {
                     info!("all guests stopped; exiting");
-                    return Ok(());
+                    break Ok(());
                 }
                 if now >= deadline {
-                    for unit in self.units.iter().filter(|u| u.has_guest()) {
+                    for (_, unit) in self.live_units().filter(|(_, u)| u.has_guest()) {
                         error!(unit = %unit.config.name, "guest still up at the shutdown deadline");
                     }
-                    return Ok(());
+                    break Ok(());
                 }
+            }
+        };
+        let _ = std::fs::remove_file(&self.control_path);
+        result
+    }
+
+    // ---- units and their listeners ----
+
+    fn unit(&self, u: usize) -> &Unit {
+        self.units[u].as_ref().expect("live unit slot")
+    }
+
+    fn unit_mut(&mut self, u: usize) -> &mut Unit {
+        self.units[u].as_mut().expect("live unit slot")
+    }
+
+    fn live_units(&self) -> impl Iterator<Item = (usize, &Unit)> + Clone {
+        self.units
+            .iter()
+            .enumerate()
+            .filter_map(|(i, u)| u.as_ref().map(|u| (i, u)))
+    }
+
+    fn listener_count(&self) -> usize {
+        self.live_units().map(|(_, u)| u.listeners.len()).sum()
+    }
+
+    fn summary(&self) -> String {
+        let running = self
+            .live_units()
+            .filter(|(_, u)| matches!(u.state, State::Running { .. }))
+            .count();
+        format!(
+            "{} units, {running} running, {} listeners",
+            self.by_name.len(),
+            self.listener_count()
+        )
+    }
+
+    /// Builds everything a unit needs before it may replace or join the running set:
+    /// plugin instance (validating options) and sockets (reused, inherited or bound).
+    fn prepare(
+        &mut self,
+        config: &Config,
+        unit: &UnitConfig,
+        slot: usize,
+        inherited: &mut Inherited,
+    ) -> Result<Prepared, DaemonError> {
+        let unit = guest_ordered(config, unit)?;
+        let plugin_error = |source| DaemonError::Plugin {
+            unit: unit.name.clone(),
+            source,
+        };
+        let base = config.path.parent().unwrap_or(Path::new("."));
+        let dirs = plugin_host::search_dirs(config.plugin_dir.as_deref());
+        let path = plugin_host::resolve(&unit.plugin, base, &dirs).map_err(plugin_error)?;
+        let plugin_key = (path.clone(), unit.options.clone());
+        let existing = self.by_name.get(&unit.name).map(|&s| self.unit(s));
+        let reused = existing.and_then(|e| {
+            e.pending
+                .as_ref()
+                .filter(|p| p.plugin_key == plugin_key)
+                .map(|p| Arc::clone(&p.plugin))
+                .or_else(|| (e.plugin_key == plugin_key).then(|| Arc::clone(&e.plugin)))
+        });
+        let plugin = match reused {
+            Some(p) => p,
+            None => {
+                let library = match self.libraries.get(&path) {
+                    Some(l) => Arc::clone(l),
+                    None => {
+                        let l = PluginLibrary::load_with(&path, config.allow_untrusted_plugins)
+                            .map_err(plugin_error)?;
+                        self.libraries.insert(path.clone(), Arc::clone(&l));
+                        l
+                    }
+                };
+                let events = Arc::new(UnitEvents {
+                    unit: slot,
+                    name: unit.name.clone(),
+                    notifier: Arc::clone(&self.notifier),
+                });
+                Arc::new(
+                    PluginInstance::create(library, &unit.options, events).map_err(plugin_error)?,
+                )
+            }
+        };
+        let mut listeners = Vec::with_capacity(unit.listen.len());
+        for config in &unit.listen {
+            let socket = match self
+                .find_socket(config)
+                .map_err(|message| DaemonError::Rebind {
+                    unit: unit.name.clone(),
+                    message,
+                })? {
+                Some(socket) => {
+                    socket
+                        .adjust(config)
+                        .map_err(|source| DaemonError::Listen {
+                            unit: unit.name.clone(),
+                            source,
+                        })?;
+                    socket
+                }
+                None => Arc::new(match inherited.claim(config) {
+                    Some(socket) => socket,
+                    None => listener::bind(config).map_err(|source| DaemonError::Listen {
+                        unit: unit.name.clone(),
+                        source,
+                    })?,
+                }),
+            };
+            listeners.push(Listener {
+                config: config.clone(),
+                socket,
+            });
+        }
+        Ok(Prepared {
+            config: Arc::new(unit),
+            listeners,
+            plugin,
+            plugin_key,
+        })
+    }
+
+    /// A socket some unit already holds for this address, if it may serve `config`.
+    fn find_socket(&self, config: &ListenerConfig) -> Result<Option<Arc<BoundSocket>>, String> {
+        for (_, unit) in self.live_units() {
+            let pending = unit.pending.iter().flat_map(|p| p.listeners.iter());
+            for held in unit.listeners.iter().chain(pending) {
+                if listener::reusable(&held.config, config)? {
+                    return Ok(Some(Arc::clone(&held.socket)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn add_unit(&mut self, prepared: Prepared) {
+        let slot = self.units.len();
+        let name = prepared.config.name.clone();
+        for l in &prepared.listeners {
+            info!(unit = %name, listener = %l.config.describe(), name = %l.config.name, "bound");
+        }
+        self.units.push(Some(Unit::new(prepared)));
+        self.by_name.insert(name, slot);
+        self.register(slot);
+    }
+
+    fn store_all_fds(&self) {
+        for (_, unit) in self.live_units() {
+            for l in &unit.listeners {
+                supervisor::store(&unit.config.name, &l.config, &l.socket);
             }
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.units
-            .iter()
-            .filter_map(|u| match u.state {
+        self.live_units()
+            .filter_map(|(_, u)| match u.state {
                 State::Backoff { until } => Some(until),
+                State::Starting { since, .. } => Some(since + u.config.activate_timeout),
                 _ => None,
             })
             .chain(self.shutdown_deadline)
+            .chain(self.next_idle_check)
             .min()
     }
 
     fn listener_ready(&mut self, token: usize) {
-        let Some(&u) = self.token_unit.get(token) else {
+        let Some(Some((u, l))) = self.tokens.get(token).copied() else {
             return;
         };
-        if matches!(self.units[u].state, State::Listening) && self.shutdown_deadline.is_none() {
-            let listener = &self.units[u].config.listen[token - self.units[u].first_token];
-            debug!(unit = %self.units[u].config.name, listener = %listener.describe(), "client waiting");
-            self.start(u, Instant::now());
+        if self.shutdown_deadline.is_none()
+            && self.units[u]
+                .as_ref()
+                .is_some_and(|x| x.state == State::Listening)
+        {
+            let unit = self.unit(u);
+            debug!(unit = %unit.config.name, listener = %unit.listeners[l].config.describe(), "client waiting");
+            self.start(u, Instant::now(), true);
         }
     }
 
-    fn start(&mut self, u: usize, now: Instant) {
-        if let Err(backoff) = self.units[u].guard.try_start(now) {
-            let limit = self.units[u].config.trigger_limit;
-            warn!(
-                unit = %self.units[u].config.name,
-                starts = limit.burst,
-                interval = ?limit.interval,
-                "trigger limit hit"
-            );
-            self.enter_backoff(u, backoff, now);
-            return;
+    /// Starts the unit's guest; `guarded` applies the trigger limit (an admin's
+    /// explicit start does not count against it).
+    fn start(&mut self, u: usize, now: Instant, guarded: bool) {
+        if guarded {
+            if let Err(backoff) = self.unit_mut(u).guard.try_start(now) {
+                let unit = self.unit(u);
+                let limit = unit.config.trigger_limit;
+                warn!(unit = %unit.config.name, starts = limit.burst, interval = ?limit.interval, "trigger limit hit");
+                self.enter_backoff(u, backoff, now);
+                return;
+            }
         }
         self.deregister(u);
         let guest = self.next_guest;
         self.next_guest += 1;
-        let unit = &mut self.units[u];
-        unit.state = State::Starting {
+        let unit = self.unit_mut(u);
+        unit.set_state(State::Starting {
             guest,
             since: now,
             exited: None,
-        };
-        unit.activations += 1;
-        info!(unit = %unit.config.name, guest, activation = unit.activations, "starting guest");
-        let (config, sockets) = (Arc::clone(&unit.config), Arc::clone(&unit.sockets));
+        });
+        unit.after_stop = AfterStop::Listen;
+        unit.stop_requested = false;
+        unit.stats.activations += 1;
+        info!(unit = %unit.config.name, guest, activation = unit.stats.activations, "starting guest");
+        let config = Arc::clone(&unit.config);
+        let sockets: Vec<(Arc<BoundSocket>, ListenerConfig)> = unit
+            .listeners
+            .iter()
+            .map(|l| (Arc::clone(&l.socket), l.config.clone()))
+            .collect();
         let (plugin, notifier) = (Arc::clone(&unit.plugin), Arc::clone(&self.notifier));
         self.spawn_worker(u, "activate", move || {
             let fds: Vec<ActivationFd<'_>> = sockets
                 .iter()
-                .zip(&config.listen)
                 .map(|(socket, listener)| ActivationFd {
                     fd: socket.fd(),
                     kind: listener.kind,
@@ -394,16 +536,18 @@ impl Daemon {
         });
     }
 
-    fn stop(&mut self, u: usize, guest: u64) {
-        let unit = &mut self.units[u];
+    fn stop(&mut self, u: usize, guest: u64, after: AfterStop) {
+        let unit = self.unit_mut(u);
         let (since, pid) = match unit.state {
             State::Running { since, pid, .. } => (since, pid),
             _ => (Instant::now(), None),
         };
-        unit.state = State::Stopping { guest, since };
+        unit.set_state(State::Stopping { guest, since });
+        unit.after_stop = after;
         info!(unit = %unit.config.name, guest, pid = pid.unwrap_or(0), "stopping guest");
-        let (plugin, notifier) = (Arc::clone(&unit.plugin), Arc::clone(&self.notifier));
+        let plugin = Arc::clone(&unit.plugin);
         let timeout = unit.config.stop_timeout;
+        let notifier = Arc::clone(&self.notifier);
         self.spawn_worker(u, "stop", move || {
             let result = plugin.stop(guest, timeout);
             notifier.send(LoopEvent::Stopped {
@@ -416,9 +560,9 @@ impl Daemon {
 
     /// Runs a plugin call on its own thread; calls are rare and may block for long.
     fn spawn_worker(&self, u: usize, call: &str, work: impl FnOnce() + Send + 'static) {
-        let name = format!("{call}-{}", self.units[u].config.name);
+        let name = format!("{call}-{}", self.unit(u).config.name);
         if let Err(e) = std::thread::Builder::new().name(name).spawn(work) {
-            error!(unit = %self.units[u].config.name, error = %e, call, "cannot spawn a worker thread");
+            error!(unit = %self.unit(u).config.name, error = %e, call, "cannot spawn a worker thread");
         }
     }
 
@@ -435,57 +579,82 @@ impl Daemon {
                     guest,
                     result,
                 } => {
-                    if let Err(e) = result {
-                        error!(unit = %self.units[unit].config.name, guest, error = %e, "stop failed");
+                    if let (Err(e), Some(u)) = (result, self.units[unit].as_mut()) {
+                        error!(unit = %u.config.name, guest, error = %e, "stop failed");
+                        u.stats.fail(e.to_string());
                     }
                 }
                 LoopEvent::GuestExited { unit, guest, exit } => {
-                    self.guest_exited(unit, guest, exit)
+                    self.guest_exited(unit, guest, exit);
+                }
+                LoopEvent::Control(pending) => {
+                    let reply = self.control(pending.request);
+                    let _ = pending.reply.send(reply);
                 }
             }
         }
     }
 
     fn activated(&mut self, u: usize, guest: u64, result: Result<Option<i64>, PluginError>) {
-        let State::Starting {
-            guest: starting,
-            since,
-            exited,
-        } = self.units[u].state
-        else {
+        let Some(unit) = self.units[u].as_mut() else {
             return;
         };
-        if starting != guest {
+        let starting = match unit.state {
+            State::Starting {
+                guest: starting,
+                since,
+                exited,
+            } if starting == guest => Some((since, exited)),
+            _ => None,
+        };
+        let Some((since, exited)) = starting else {
+            if let Ok(pid) = result {
+                // A start given up on (timed out) came through after all: stop that guest.
+                warn!(unit = %unit.config.name, guest, pid = pid.unwrap_or(0), "a start given up on returned after all; stopping that guest");
+                let plugin = Arc::clone(&unit.plugin);
+                let timeout = unit.config.stop_timeout;
+                self.spawn_worker(u, "stop-late", move || {
+                    let _ = plugin.stop(guest, timeout);
+                });
+            }
             return;
-        }
-        let name = Arc::clone(&self.units[u].config);
+        };
+        let took = since.elapsed();
+        let name = Arc::clone(&unit.config);
         let name = name.name.as_str();
-        let took_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
         match result {
             Ok(pid) => {
-                info!(
-                    unit = %name,
-                    guest,
-                    pid = pid.unwrap_or(0),
-                    took_ms,
-                    "guest started"
-                );
-                self.units[u].state = State::Running {
+                let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                info!(unit = %name, guest, pid = pid.unwrap_or(0), took_ms, "guest started");
+                unit.stats.observe_latency(took);
+                unit.set_state(State::Running {
                     guest,
                     pid,
                     since: Instant::now(),
-                };
+                });
+                unit.last_busy = Instant::now();
+                unit.was_busy = false;
+                self.schedule_idle_check();
                 if let Some(exit) = exited {
                     self.guest_exited(u, guest, exit);
                 } else if self.shutdown_deadline.is_some() {
-                    self.stop(u, guest);
+                    self.stop(u, guest, AfterStop::Listen);
+                } else if self.unit(u).stop_requested {
+                    let after = self.unit(u).after_stop;
+                    self.stop(u, guest, after);
                 }
             }
             Err(e) => {
                 error!(unit = %name, guest, error = %e, "activation failed");
-                let backoff = self.units[u].guard.start_failed();
+                unit.stats.fail(e.to_string());
+                let backoff = unit.guard.start_failed();
+                let stop_requested = unit.stop_requested;
+                unit.set_state(State::Listening);
                 if self.shutdown_deadline.is_some() {
-                    self.units[u].state = State::Listening;
+                    return;
+                }
+                if stop_requested {
+                    self.guest_gone(u);
                 } else {
                     self.enter_backoff(u, backoff, Instant::now());
                 }
@@ -494,7 +663,9 @@ impl Daemon {
     }
 
     fn guest_exited(&mut self, u: usize, guest: u64, exit: GuestExit) {
-        let unit = &mut self.units[u];
+        let Some(unit) = self.units[u].as_mut() else {
+            return;
+        };
         let since = match unit.state {
             State::Starting {
                 guest: g,
@@ -525,18 +696,41 @@ impl Daemon {
         let ran_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
         info!(unit = %unit.config.name, guest, exit = %exit, ran_ms, "guest stopped");
         unit.guard.guest_ran(since.elapsed());
-        unit.state = State::Listening;
+        unit.set_state(State::Listening);
         if self.shutdown_deadline.is_none() {
+            self.guest_gone(u);
+        }
+        self.schedule_idle_check();
+    }
+
+    /// The guest is gone: apply a pending reload, then listen, hold or close as asked.
+    fn guest_gone(&mut self, u: usize) {
+        let unit = self.unit_mut(u);
+        let after = std::mem::replace(&mut unit.after_stop, AfterStop::Listen);
+        if after == AfterStop::Remove {
+            self.remove_unit(u);
+            return;
+        }
+        if let Some(prepared) = unit.pending.take() {
+            info!(unit = %prepared.config.name, "applying the reloaded config");
+            self.retire_listeners(u, &prepared.listeners);
+            self.unit_mut(u).switch_to(prepared);
+        }
+        if after == AfterStop::Hold {
+            self.unit_mut(u).set_state(State::Held);
+            info!(unit = %self.unit(u).config.name, "held: not listening until started");
+        } else {
             self.listen_again(u);
         }
     }
 
     fn enter_backoff(&mut self, u: usize, backoff: Backoff, now: Instant) {
         self.deregister(u);
-        let unit = &mut self.units[u];
-        unit.state = State::Backoff {
+        let unit = self.unit_mut(u);
+        unit.stats.backoffs += 1;
+        unit.set_state(State::Backoff {
             until: now + backoff.delay,
-        };
+        });
         warn!(
             unit = %unit.config.name,
             step = backoff.step,
@@ -549,10 +743,41 @@ impl Daemon {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        for u in 0..self.units.len() {
-            if matches!(self.units[u].state, State::Backoff { until } if until <= now) {
-                info!(unit = %self.units[u].config.name, "backoff over; listening again");
-                self.listen_again(u);
+        let due: Vec<usize> = self
+            .live_units()
+            .filter(|(_, u)| matches!(u.state, State::Backoff { until } if until <= now))
+            .map(|(i, _)| i)
+            .collect();
+        for u in due {
+            info!(unit = %self.unit(u).config.name, "backoff over; listening again");
+            self.listen_again(u);
+        }
+    }
+
+    /// Fails starts whose plugin call has not returned within `activate_timeout`.
+    /// The worker thread is abandoned; should it return after all, the guest it
+    /// started is stopped (see `activated`).
+    fn expire_starts(&mut self, now: Instant) {
+        let overdue: Vec<usize> = self
+            .live_units()
+            .filter(|(_, u)| {
+                matches!(u.state, State::Starting { since, .. } if now >= since + u.config.activate_timeout)
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for u in overdue {
+            let unit = self.unit_mut(u);
+            let timeout = unit.config.activate_timeout;
+            let guest = unit.state.guest().unwrap_or(0);
+            error!(unit = %unit.config.name, guest, timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), "activation timed out: the plugin's activate call did not return; abandoning it");
+            unit.stats.fail(format!(
+                "activation timed out after {}",
+                humantime::format_duration(timeout)
+            ));
+            let backoff = unit.guard.start_failed();
+            unit.set_state(State::Listening);
+            if self.shutdown_deadline.is_none() {
+                self.enter_backoff(u, backoff, now);
             }
         }
     }
@@ -560,55 +785,159 @@ impl Daemon {
     /// Hands the sockets back to the loop: blocking mode restored, registered again.
     /// A client queued meanwhile makes the socket ready at once, starting the guest again.
     fn listen_again(&mut self, u: usize) {
-        let unit = &mut self.units[u];
-        for (socket, listener) in unit.sockets.iter().zip(&unit.config.listen) {
-            if let Err(e) = socket.reset_flags() {
-                warn!(unit = %unit.config.name, listener = %listener.describe(), error = %e, "cannot reset socket flags");
+        let unit = self.unit_mut(u);
+        for l in &unit.listeners {
+            if let Err(e) = l.socket.reset_flags() {
+                warn!(unit = %unit.config.name, listener = %l.config.describe(), error = %e, "cannot reset socket flags");
             }
         }
-        unit.state = State::Listening;
+        unit.set_state(State::Listening);
         self.register(u);
-        debug!(unit = %self.units[u].config.name, "listening");
+        debug!(unit = %self.unit(u).config.name, "listening");
     }
 
     fn register(&mut self, u: usize) {
-        let unit = &mut self.units[u];
-        if unit.registered {
+        if !self.unit(u).tokens.is_empty() {
             return;
         }
-        for (i, socket) in unit.sockets.iter().enumerate() {
-            let fd = socket.as_raw_fd();
-            if let Err(e) = self.poll.registry().register(
-                &mut SourceFd(&fd),
-                Token(unit.first_token + i),
-                Interest::READABLE,
-            ) {
-                error!(unit = %unit.config.name, listener = %unit.config.listen[i].describe(), error = %e, "cannot register listener");
+        let count = self.unit(u).listeners.len();
+        let mut tokens = Vec::with_capacity(count);
+        for l in 0..count {
+            let token = self.free_tokens.pop().unwrap_or_else(|| {
+                self.tokens.push(None);
+                self.tokens.len() - 1
+            });
+            self.tokens[token] = Some((u, l));
+            let unit = self.unit(u);
+            let fd = unit.listeners[l].socket.as_raw_fd();
+            if let Err(e) =
+                self.poll
+                    .registry()
+                    .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
+            {
+                error!(unit = %unit.config.name, listener = %unit.listeners[l].config.describe(), error = %e, "cannot register listener");
             }
+            tokens.push(token);
         }
-        unit.registered = true;
+        self.unit_mut(u).tokens = tokens;
     }
 
     fn deregister(&mut self, u: usize) {
-        let unit = &mut self.units[u];
-        if !unit.registered {
-            return;
-        }
-        for (i, socket) in unit.sockets.iter().enumerate() {
-            let fd = socket.as_raw_fd();
+        let tokens = std::mem::take(&mut self.unit_mut(u).tokens);
+        for (l, token) in tokens.into_iter().enumerate() {
+            self.tokens[token] = None;
+            self.free_tokens.push(token);
+            let unit = self.unit(u);
+            let fd = unit.listeners[l].socket.as_raw_fd();
             if let Err(e) = self.poll.registry().deregister(&mut SourceFd(&fd)) {
-                error!(unit = %unit.config.name, listener = %unit.config.listen[i].describe(), error = %e, "cannot deregister listener");
+                error!(unit = %unit.config.name, listener = %unit.listeners[l].config.describe(), error = %e, "cannot deregister listener");
             }
         }
-        unit.registered = false;
     }
+
+    /// Takes out of the supervisor's fd store the listeners of unit `u` that
+    /// `keep` no longer has (their sockets close once nothing holds them).
+    fn retire_listeners(&self, u: usize, keep: &[Listener]) {
+        let unit = self.unit(u);
+        for old in &unit.listeners {
+            if !keep.iter().any(|k| Arc::ptr_eq(&k.socket, &old.socket)) {
+                info!(unit = %unit.config.name, listener = %old.config.describe(), "closing listener");
+                supervisor::unstore(&unit.config.name, &old.config);
+            }
+        }
+        for new in keep {
+            if !unit
+                .listeners
+                .iter()
+                .any(|o| Arc::ptr_eq(&o.socket, &new.socket))
+            {
+                supervisor::store(&unit.config.name, &new.config, &new.socket);
+            }
+        }
+    }
+
+    fn remove_unit(&mut self, u: usize) {
+        self.deregister(u);
+        self.retire_listeners(u, &[]);
+        let unit = self.units[u].take().expect("live unit slot");
+        self.by_name.remove(&unit.config.name);
+        info!(unit = %unit.config.name, "removed");
+    }
+
+    // ---- idle stop ----
+
+    fn schedule_idle_check(&mut self) {
+        let shortest = self
+            .live_units()
+            .filter(|(_, u)| matches!(u.state, State::Running { .. }))
+            .filter_map(|(_, u)| u.config.idle_stop)
+            .min();
+        self.next_idle_check = shortest.map(|idle| {
+            let period = (idle / 10).clamp(IDLE_CHECK_MIN, IDLE_CHECK_MAX);
+            let next = Instant::now() + period;
+            self.next_idle_check.map_or(next, |t| t.min(next))
+        });
+    }
+
+    /// Stops running guests whose stream listeners have had no connection for
+    /// their `idle_stop`; connections are counted by the host kernel.
+    fn check_idle(&mut self, now: Instant) {
+        self.next_idle_check = None;
+        let candidates: Vec<usize> = self
+            .live_units()
+            .filter(|(_, u)| {
+                u.config.idle_stop.is_some() && matches!(u.state, State::Running { .. })
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
+        let connections = match Connections::snapshot() {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot count connections (sock_diag); idle stop skipped this round");
+                self.schedule_idle_check();
+                return;
+            }
+        };
+        for u in candidates {
+            let unit = self.unit_mut(u);
+            let open: usize = unit
+                .listeners
+                .iter()
+                .map(|l| connections.count(&l.config))
+                .sum();
+            if open > 0 {
+                unit.last_busy = now;
+                continue;
+            }
+            let idle = unit.config.idle_stop.expect("filtered");
+            if now.duration_since(unit.last_busy) >= idle {
+                let State::Running { guest, .. } = unit.state else {
+                    continue;
+                };
+                unit.stats.idle_stops += 1;
+                info!(unit = %unit.config.name, guest, idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX), "idle: no connection for idle_stop");
+                self.stop(u, guest, AfterStop::Listen);
+            }
+        }
+        self.schedule_idle_check();
+    }
+
+    // ---- signals, control, reload ----
 
     /// Handles pending signals; true when the daemon must exit at once.
     fn handle_signals(&mut self) -> bool {
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
             match signal {
-                SIGHUP => warn!("SIGHUP: reload is not supported yet; ignored"),
+                SIGHUP => match self.reload() {
+                    Ok(summary) => info!(%summary, "SIGHUP: reloaded"),
+                    Err(e) => {
+                        error!(error = %e, "SIGHUP: reload refused; the old config stays in force")
+                    }
+                },
                 _ if self.shutdown_deadline.is_some() => return true,
                 _ => self.begin_shutdown(signal),
             }
@@ -618,22 +947,194 @@ impl Daemon {
 
     fn begin_shutdown(&mut self, signal: i32) {
         let longest = self
-            .units
-            .iter()
-            .map(|u| u.config.stop_timeout)
+            .live_units()
+            .map(|(_, u)| u.config.stop_timeout)
             .max()
             .unwrap_or_default();
         self.shutdown_deadline = Some(Instant::now() + longest + SHUTDOWN_GRACE);
         info!(signal, "stopping guests and exiting");
-        for u in 0..self.units.len() {
+        supervisor::notify(&[
+            NotifyState::Stopping,
+            NotifyState::Status("stopping guests"),
+        ]);
+        let slots: Vec<usize> = self.live_units().map(|(i, _)| i).collect();
+        for u in slots {
             self.deregister(u);
-            match self.units[u].state {
-                State::Running { guest, .. } => self.stop(u, guest),
-                State::Backoff { .. } => self.units[u].state = State::Listening,
+            match self.unit(u).state {
+                State::Running { guest, .. } => self.stop(u, guest, AfterStop::Listen),
+                State::Backoff { .. } => self.unit_mut(u).set_state(State::Listening),
                 // Starting: stopped once the activation reports back.
                 _ => {}
             }
         }
+    }
+
+    fn control(&mut self, request: Request) -> serde_json::Value {
+        let unit_slot = |name: &str| {
+            self.by_name
+                .get(name)
+                .copied()
+                .ok_or_else(|| error_reply(&format!("no unit {name:?}")))
+        };
+        match request {
+            Request::Status => self.status(),
+            Request::Metrics => serde_json::json!({
+                "ok": true,
+                "text": metrics::render(self.live_units().map(|(_, u)| u)),
+            }),
+            Request::Start { unit } => match unit_slot(&unit) {
+                Err(e) => e,
+                Ok(u) => {
+                    match self.unit(u).state {
+                        State::Listening | State::Held | State::Backoff { .. } => {
+                            info!(unit = %unit, "start requested");
+                            self.start(u, Instant::now(), false);
+                        }
+                        _ => {
+                            let unit = self.unit_mut(u);
+                            unit.after_stop = AfterStop::Listen;
+                            unit.stop_requested = false;
+                        }
+                    }
+                    serde_json::json!({"ok": true, "unit": unit, "state": self.unit(u).state.name()})
+                }
+            },
+            Request::Stop { unit, hold } => match unit_slot(&unit) {
+                Err(e) => e,
+                Ok(u) => {
+                    let after = if hold {
+                        AfterStop::Hold
+                    } else {
+                        AfterStop::Listen
+                    };
+                    match self.unit(u).state {
+                        State::Running { guest, .. } => self.stop(u, guest, after),
+                        State::Starting { .. } => {
+                            // Stopped once the start reports back.
+                            let unit = self.unit_mut(u);
+                            unit.stop_requested = true;
+                            unit.after_stop = after;
+                        }
+                        State::Stopping { .. } => self.unit_mut(u).after_stop = after,
+                        State::Listening | State::Backoff { .. } if hold => {
+                            self.deregister(u);
+                            self.unit_mut(u).set_state(State::Held);
+                        }
+                        _ => {}
+                    }
+                    serde_json::json!({"ok": true, "unit": unit, "state": self.unit(u).state.name()})
+                }
+            },
+            Request::Reload => match self.reload() {
+                Ok(summary) => {
+                    info!(%summary, "reloaded");
+                    serde_json::json!({"ok": true, "summary": summary})
+                }
+                Err(e) => {
+                    error!(error = %e, "reload refused; the old config stays in force");
+                    error_reply(&format!(
+                        "reload refused, the old config stays in force: {e}"
+                    ))
+                }
+            },
+            Request::Restart => error_reply("restart is not supported by this version"),
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let queues = ListenQueues::snapshot();
+        let units: Vec<_> = self
+            .live_units()
+            .map(|(_, u)| u.status(|socket| queues.get(socket)))
+            .collect();
+        serde_json::json!({
+            "ok": true,
+            "pid": std::process::id(),
+            "config": self.config_path.display().to_string(),
+            "units": units,
+        })
+    }
+
+    /// Re-reads the config and applies the difference. Everything new is prepared
+    /// (plugins created, sockets bound) before anything changes, so a bad config or a
+    /// busy port leaves the running set exactly as it was.
+    fn reload(&mut self) -> Result<String, DaemonError> {
+        supervisor::notify(&[NotifyState::Reloading]);
+        let result = self.reload_inner();
+        supervisor::notify(&[NotifyState::Ready, NotifyState::Status(&self.summary())]);
+        result
+    }
+
+    fn reload_inner(&mut self) -> Result<String, DaemonError> {
+        let config = Config::load(&self.config_path)?;
+        let mut prepared = Vec::with_capacity(config.units.len());
+        let mut next_slot = self.units.len();
+        let mut none = Inherited::default();
+        for unit in &config.units {
+            let slot = self.by_name.get(&unit.name).copied().unwrap_or_else(|| {
+                next_slot += 1;
+                next_slot - 1
+            });
+            prepared.push(self.prepare(&config, unit, slot, &mut none)?);
+        }
+        let keep: HashSet<&str> = config.units.iter().map(|u| u.name.as_str()).collect();
+        let removed: Vec<usize> = self
+            .live_units()
+            .filter(|(_, u)| !keep.contains(u.config.name.as_str()))
+            .map(|(i, _)| i)
+            .collect();
+        let (mut added, mut changed, mut deferred) = (0, 0, 0);
+        // Deregister first, so a socket moving between units is never registered twice.
+        for &u in &removed {
+            self.deregister(u);
+        }
+        for p in &prepared {
+            if let Some(&u) = self.by_name.get(&p.config.name) {
+                if !self.unit(u).has_guest() {
+                    self.deregister(u);
+                }
+            }
+        }
+        for &u in &removed {
+            match self.unit(u).state {
+                State::Running { guest, .. } => self.stop(u, guest, AfterStop::Remove),
+                State::Starting { .. } | State::Stopping { .. } => {
+                    let unit = self.unit_mut(u);
+                    unit.after_stop = AfterStop::Remove;
+                    unit.stop_requested = true;
+                }
+                _ => self.remove_unit(u),
+            }
+        }
+        for p in prepared {
+            match self.by_name.get(&p.config.name).copied() {
+                None => {
+                    for l in &p.listeners {
+                        supervisor::store(&p.config.name, &l.config, &l.socket);
+                    }
+                    self.add_unit(p);
+                    added += 1;
+                }
+                Some(u) if self.unit(u).has_guest() => {
+                    self.unit_mut(u).pending = Some(p);
+                    deferred += 1;
+                }
+                Some(u) => {
+                    self.retire_listeners(u, &p.listeners);
+                    let unit = self.unit_mut(u);
+                    let held = unit.state == State::Held;
+                    unit.switch_to(p);
+                    if !held {
+                        self.listen_again(u);
+                    }
+                    changed += 1;
+                }
+            }
+        }
+        Ok(format!(
+            "{added} added, {} removed, {changed} applied now, {deferred} at their guest's next stop",
+            removed.len()
+        ))
     }
 }
 
@@ -661,11 +1162,73 @@ fn guest_ordered(config: &Config, unit: &UnitConfig) -> Result<UnitConfig, Daemo
     Ok(guest_match::apply(unit, &plan))
 }
 
-impl Unit {
-    fn has_guest(&self) -> bool {
-        matches!(
-            self.state,
-            State::Starting { .. } | State::Running { .. } | State::Stopping { .. }
-        )
+/// Open connections in the host's namespace, for idle stop.
+struct Connections {
+    tcp: Vec<std::net::SocketAddr>,
+    unix: Vec<String>,
+}
+
+impl Connections {
+    fn snapshot() -> io::Result<Self> {
+        use netlink_packet_sock_diag::inet::StateFlags;
+        let open =
+            StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE;
+        let tcp = sock_diag::tcp_sockets(open)?
+            .into_iter()
+            .map(|s| s.local)
+            .collect();
+        let unix =
+            sock_diag::unix_sockets(netlink_packet_sock_diag::unix::StateFlags::ESTABLISHED)?
+                .into_iter()
+                .filter_map(|s| s.name)
+                .collect();
+        Ok(Self { tcp, unix })
+    }
+
+    /// Connections accepted from this listener (TCP by local address, unix by name).
+    fn count(&self, listener: &ListenerConfig) -> usize {
+        use crate::address::ListenAddress;
+        if listener.kind == portwake_plugin_api::SocketKind::Datagram {
+            return 0;
+        }
+        match &listener.address {
+            ListenAddress::Path(_) | ListenAddress::Abstract(_) => {
+                let name = listener.address.to_string();
+                self.unix.iter().filter(|n| **n == name).count()
+            }
+            inet => {
+                let bound = inet.inet().expect("inet address");
+                self.tcp
+                    .iter()
+                    .filter(|local| {
+                        local.port() == bound.port()
+                            && (bound.ip().is_unspecified() || local.ip() == bound.ip())
+                    })
+                    .count()
+            }
+        }
+    }
+}
+
+/// Accept-queue lengths of listening sockets by inode, for status.
+struct ListenQueues(HashMap<u64, u32>);
+
+impl ListenQueues {
+    fn snapshot() -> Self {
+        use netlink_packet_sock_diag::inet::StateFlags;
+        let mut queues = HashMap::new();
+        if let Ok(tcp) = sock_diag::tcp_sockets(StateFlags::LISTEN) {
+            queues.extend(tcp.into_iter().map(|s| (u64::from(s.inode), s.queued)));
+        }
+        if let Ok(unix) =
+            sock_diag::unix_sockets(netlink_packet_sock_diag::unix::StateFlags::LISTEN)
+        {
+            queues.extend(unix.into_iter().map(|s| (u64::from(s.inode), s.queued)));
+        }
+        Self(queues)
+    }
+
+    fn get(&self, socket: &BoundSocket) -> Option<u32> {
+        self.0.get(&socket.inode()).copied()
     }
 }

@@ -9,8 +9,14 @@
 pub mod address;
 pub mod check;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod guest_match;
 pub mod listener;
+pub mod metrics;
 pub mod plugin_host;
+pub mod sock_diag;
 pub mod start_guard;
+pub mod status_view;
+pub mod supervisor;
+pub mod unit;

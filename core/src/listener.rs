@@ -292,3 +292,91 @@ impl AsRawFd for BoundSocket {
         self.socket.as_raw_fd()
     }
 }
+
+/// Whether an already bound socket for `old` can serve as `new`: same type and
+/// address, and no option that only a fresh `bind` can change.
+pub fn reusable(old: &ListenerConfig, new: &ListenerConfig) -> Result<bool, String> {
+    if old.kind != new.kind || old.address != new.address {
+        return Ok(false);
+    }
+    let fixed = [
+        ("reuse_port", old.reuse_port == new.reuse_port),
+        ("free_bind", old.free_bind == new.free_bind),
+        ("bind_ipv6_only", old.bind_ipv6_only == new.bind_ipv6_only),
+        ("bind_to_device", old.bind_to_device == new.bind_to_device),
+    ];
+    match fixed.iter().find(|(_, same)| !same) {
+        None => Ok(true),
+        Some((option, _)) => Err(format!(
+            "{}: changing {option} of a bound listener needs a restart of portwake",
+            new.describe()
+        )),
+    }
+}
+
+impl BoundSocket {
+    /// Applies what can change on a bound socket: backlog, and a unix file's mode and owner.
+    pub fn adjust(&self, config: &ListenerConfig) -> Result<(), ListenError> {
+        if config.kind != SocketKind::Datagram {
+            let backlog = config
+                .backlog
+                .map_or(i32::MAX, |b| i32::try_from(b).unwrap_or(i32::MAX));
+            nix::sys::socket::listen(
+                &self.socket,
+                nix::sys::socket::Backlog::new(backlog)
+                    .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
+            )
+            .map_err(|e| ListenError::Os {
+                listener: config.describe(),
+                step: "listen",
+                source: io::Error::from(e),
+            })?;
+        }
+        if let ListenAddress::Path(path) = &config.address {
+            apply_ownership(path, config, &config.describe())?;
+        }
+        Ok(())
+    }
+
+    /// Takes over a socket handed to this process (`LISTEN_FDS`); returns it with
+    /// its type and its address in systemd's spelling, or `None` if it is no socket.
+    pub fn inherit(fd: OwnedFd) -> Option<(Self, SocketKind, String)> {
+        let socket = Socket::from(fd);
+        let kind = match socket.r#type().ok()? {
+            t if t == Type::STREAM => SocketKind::Stream,
+            t if t == Type::DGRAM => SocketKind::Datagram,
+            t if t == Type::SEQPACKET => SocketKind::SequentialPacket,
+            _ => return None,
+        };
+        let local = socket.local_addr().ok()?;
+        let address = if let Some(inet) = local.as_socket() {
+            ListenAddress::Inet(inet).to_string()
+        } else if let Some(name) = local.as_abstract_namespace() {
+            format!("@{}", String::from_utf8_lossy(name))
+        } else {
+            local.as_pathname()?.display().to_string()
+        };
+        Some((
+            Self {
+                socket: socket.into(),
+            },
+            kind,
+            address,
+        ))
+    }
+
+    /// The key `inherit` returns for a socket of this config.
+    pub fn key(config: &ListenerConfig) -> String {
+        match &config.address {
+            ListenAddress::Port(_) => {
+                ListenAddress::Inet(config.address.inet().expect("a port is inet")).to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The socket's inode, by which sock_diag names it.
+    pub fn inode(&self) -> u64 {
+        nix::sys::stat::fstat(&self.socket).map_or(0, |s| s.st_ino)
+    }
+}

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use portwake::config::{Config, ConfigError};
-use portwake::daemon::Daemon;
+use portwake::control::Request;
+use portwake::daemon::{Daemon, RunOptions};
 
 /// Socket activation of whole containers.
 #[derive(Debug, Parser)]
@@ -29,6 +30,42 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t = LogFormat::Human)]
         log_format: LogFormat,
+        /// Control socket (overrides the config's `control_socket`).
+        #[arg(long)]
+        control_socket: Option<PathBuf>,
+    },
+    /// Show every unit's state, guest, counters and listeners.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print the daemon's JSON.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// Print metrics in Prometheus' text format.
+        #[arg(long)]
+        prometheus: bool,
+    },
+    /// Start a unit's guest now (also ends a hold).
+    Start {
+        #[command(flatten)]
+        target: Target,
+        /// The unit.
+        unit: String,
+    },
+    /// Stop a unit's guest; it listens again unless --hold.
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Keep the unit stopped and not listening until `portwake start`.
+        #[arg(long)]
+        hold: bool,
+        /// The unit.
+        unit: String,
+    },
+    /// Re-read the config and apply the difference (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        target: Target,
     },
     /// Validate a config and let every plugin validate its options; exit 1 on any problem.
     Check {
@@ -59,6 +96,32 @@ enum Command {
     },
 }
 
+/// Which daemon a control command talks to.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The daemon's control socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Find the control socket in this config.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(socket) = &self.socket {
+            return Ok(socket.clone());
+        }
+        if let Some(config) = &self.config {
+            let config = Config::load(config)?;
+            if let Some(socket) = config.control_socket {
+                return Ok(socket);
+            }
+        }
+        Ok(portwake::control::default_path())
+    }
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
     /// One readable line per event.
@@ -74,9 +137,10 @@ fn main() -> ExitCode {
             config,
             log_level,
             log_format,
+            control_socket,
         } => {
             init_logging(log_level, log_format);
-            match run(&config) {
+            match run(&config, &RunOptions { control_socket }) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("portwake: {e:#}");
@@ -84,6 +148,49 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status {
+            target,
+            json,
+            prometheus,
+        } => control(
+            &target,
+            &if prometheus {
+                Request::Metrics
+            } else {
+                Request::Status
+            },
+            |reply| {
+                if prometheus {
+                    print!("{}", reply["text"].as_str().unwrap_or_default());
+                } else if json {
+                    println!("{reply:#}");
+                } else {
+                    print!("{}", portwake::status_view::render(reply));
+                }
+            },
+        ),
+        Command::Start { target, unit } => control(&target, &Request::Start { unit }, |reply| {
+            println!(
+                "{}: {}",
+                reply["unit"].as_str().unwrap_or("?"),
+                reply["state"].as_str().unwrap_or("?")
+            );
+        }),
+        Command::Stop { target, hold, unit } => {
+            control(&target, &Request::Stop { unit, hold }, |reply| {
+                println!(
+                    "{}: {}",
+                    reply["unit"].as_str().unwrap_or("?"),
+                    reply["state"].as_str().unwrap_or("?")
+                );
+            })
+        }
+        Command::Reload { target } => control(&target, &Request::Reload, |reply| {
+            println!(
+                "reloaded: {}",
+                reply["summary"].as_str().unwrap_or_default()
+            );
+        }),
         Command::Check { config } => {
             let report = portwake::check::check(&config);
             for p in &report.problems {
@@ -131,14 +238,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: &std::path::Path) -> anyhow::Result<()> {
+/// Sends one control request and prints the reply with `show`; exit 1 on any error.
+fn control(target: &Target, request: &Request, show: impl FnOnce(&serde_json::Value)) -> ExitCode {
+    let reply = target
+        .socket()
+        .and_then(|socket| Ok(portwake::control::request(&socket, request)?));
+    match reply {
+        Ok(reply) if reply["ok"] == true => {
+            show(&reply);
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            eprintln!(
+                "portwake: {}",
+                reply["error"].as_str().unwrap_or("the daemon refused")
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("portwake: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: &std::path::Path, options: &RunOptions) -> anyhow::Result<()> {
     let config = match Config::load(path) {
         Ok(c) => c,
         // Every problem on a line of its own, as `check` prints them.
         Err(e @ ConfigError::Invalid { .. }) => anyhow::bail!("invalid config:\n{e}"),
         Err(e) => return Err(e.into()),
     };
-    let daemon = Daemon::new(&config).context("cannot start")?;
+    let daemon = Daemon::new(&config, options).context("cannot start")?;
     daemon.run()?;
     Ok(())
 }

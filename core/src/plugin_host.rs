@@ -57,6 +57,15 @@ pub enum PluginError {
         /// What does not fit.
         message: String,
     },
+    /// Running as root, the plugin file or a directory above it could be replaced by
+    /// someone other than root (see [`trust`]).
+    #[error("{}: refusing to load this plugin as root: {reason}; a plugin runs with the daemon's privileges, so the file and every directory above it must be owned by root and not writable by group or others (a sticky directory owned by root, such as /tmp, is fine). Fix the ownership and modes, or set `allow_untrusted_plugins: true` in the config for development", path.display())]
+    Untrusted {
+        /// The plugin file.
+        path: PathBuf,
+        /// Which file or directory, and what is wrong with it.
+        reason: String,
+    },
     /// The plugin rejected its options.
     #[error("options: {0}")]
     Options(String),
@@ -131,9 +140,87 @@ pub fn resolve(name: &str, base: &Path, dirs: &[PathBuf]) -> Result<PathBuf, Plu
         })
 }
 
+/// Whether a plugin file may be loaded by a daemon running as root.
+///
+/// When the effective uid is 0, the file and every directory on its path (as written,
+/// and after resolving symlinks) must be owned by root and not writable by group or
+/// others: anyone who could replace one of them could run code as root. A directory
+/// that is writable by others but sticky and owned by root (`/tmp`) is accepted: in it,
+/// nobody but root can rename or delete a root-owned entry. (ssh's `StrictModes`
+/// refuses such directories; it checks files users own, portwake checks files root
+/// owns.) As another user the daemon cannot gain privileges through a plugin, so
+/// nothing is checked.
+pub fn trust(path: &Path) -> Result<(), PluginError> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let untrusted = |reason: String| PluginError::Untrusted {
+        path: path.to_owned(),
+        reason,
+    };
+    let absolute = std::path::absolute(path).map_err(|e| untrusted(e.to_string()))?;
+    let resolved = std::fs::canonicalize(path).map_err(|e| untrusted(e.to_string()))?;
+    let mut checked: Vec<&Path> = Vec::new();
+    for candidate in std::iter::once(resolved.as_path())
+        .chain(resolved.ancestors().skip(1))
+        .chain(absolute.ancestors().skip(1))
+    {
+        if checked.contains(&candidate) {
+            continue;
+        }
+        checked.push(candidate);
+        check_owner_and_mode(candidate).map_err(untrusted)?;
+    }
+    Ok(())
+}
+
+fn check_owner_and_mode(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // A lexical ancestor that is a symlink is checked as the directory it names; the
+    // directory holding the symlink is itself an ancestor and checked too.
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let what = if meta.is_dir() { "directory" } else { "file" };
+    let mode = meta.mode() & 0o7777;
+    if meta.uid() != 0 {
+        return Err(format!(
+            "{what} {} is owned by uid {}, not root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    let sticky = meta.is_dir() && mode & 0o1000 != 0;
+    if mode & 0o022 != 0 && !sticky {
+        let by = if mode & 0o002 != 0 {
+            "others"
+        } else {
+            "its group"
+        };
+        return Err(format!(
+            "{what} {} is writable by {by} (mode {mode:04o})",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
 impl PluginLibrary {
-    /// Loads a plugin file and checks its ABI version and entry table.
+    /// Loads a plugin file after the [`trust`] check, and checks its ABI version and
+    /// entry table.
     pub fn load(path: &Path) -> Result<Arc<Self>, PluginError> {
+        Self::load_with(path, false)
+    }
+
+    /// [`load`](Self::load), skipping the [`trust`] check (with a warning) when
+    /// `allow_untrusted` is set (the config's `allow_untrusted_plugins`).
+    pub fn load_with(path: &Path, allow_untrusted: bool) -> Result<Arc<Self>, PluginError> {
+        if let Err(e) = trust(path) {
+            if !allow_untrusted {
+                return Err(e);
+            }
+            if let PluginError::Untrusted { reason, .. } = &e {
+                tracing::warn!(plugin = %path.display(), %reason, "loading an untrusted plugin because allow_untrusted_plugins is set");
+            }
+        }
         // SAFETY: loading a library runs its initialisers; plugins are trusted code
         // the admin configured, which is the premise of a plugin system.
         let library =

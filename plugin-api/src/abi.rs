@@ -21,7 +21,8 @@ pub const ABI_MINOR: u32 = 0;
 /// The one symbol a plugin exports: `const PwPluginV1 *portwake_plugin_entry(void)`.
 pub const ENTRY_SYMBOL: &str = "portwake_plugin_entry";
 
-/// Status code returned by plugin calls.
+/// Status code returned by plugin calls: one of `PW_OK` and `PW_ERR_*`. The host
+/// treats any other value as a failure of the call ("unknown status N").
 pub type PwStatus = i32;
 /// The call succeeded.
 pub const PW_OK: PwStatus = 0;
@@ -59,17 +60,27 @@ pub const PW_EXIT_EXITED: u32 = 1;
 /// The guest was killed by signal `code`.
 pub const PW_EXIT_SIGNALED: u32 = 2;
 
-/// A borrowed UTF-8 string: `ptr` may be null only when `len` is 0.
+/// A borrowed UTF-8 string: pointer and length, **not** NUL-terminated.
+///
+/// Ownership: always borrowed. The side that passes a `PwStr` owns the bytes and keeps
+/// them valid only until the call that passes them returns; copy them to keep them.
+/// `ptr` may be null only when `len` is 0.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwStr {
-    /// First byte; valid for `len` bytes during the call.
+    /// First byte; readable for `len` bytes until the call returns. Never freed by the receiver.
     pub ptr: *const c_char,
     /// Length in bytes, without any terminator.
     pub len: usize,
 }
 
 /// A host-owned buffer a plugin writes an error message into (truncated to `cap`).
+///
+/// Ownership: the host allocates and frees it; it is valid only during the call it is
+/// passed to. On failure the plugin copies at most `cap` bytes of UTF-8 text (no NUL
+/// needed) to `ptr` and sets `len`; it must never keep the pointer or write after
+/// returning. The pointer to the buffer itself may be null: then there is nowhere to
+/// write and the plugin just returns its status.
 #[repr(C)]
 #[derive(Debug)]
 pub struct PwErrorBuf {
@@ -82,6 +93,8 @@ pub struct PwErrorBuf {
 }
 
 /// How a guest ended, reported through `PwHostV1::guest_stopped`.
+///
+/// Ownership: owned by the plugin, borrowed by the host for the duration of the callback.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwGuestExit {
@@ -93,10 +106,14 @@ pub struct PwGuestExit {
     pub code: i32,
 }
 
-/// Callbacks the host gives a plugin at `create`; valid until process exit.
+/// Callbacks the host gives a plugin at `create`.
 ///
-/// Both callbacks are thread-safe and may be called from any thread, also after
-/// `destroy` returned (they then do nothing).
+/// Ownership: owned by the host. The table and its `ctx` stay valid until the host
+/// process exits, so a plugin may keep the pointer (or a copy of the table) and use it
+/// from threads of its own. Both callbacks are thread-safe, never block for long, may
+/// be called from any thread (including from inside `activate` and `stop`), and do
+/// nothing once the instance was destroyed. Check `size` before reading fields that a
+/// later minor version appends.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwHostV1 {
@@ -105,26 +122,36 @@ pub struct PwHostV1 {
     /// Opaque host context, passed back as the first argument of every callback.
     pub ctx: *mut c_void,
     /// Log a message (one of `PW_LOG_*`) into the host's log, tagged with the unit.
+    /// `message` is borrowed for the call; the host copies it. Invalid UTF-8 is replaced.
     pub log: Option<unsafe extern "C" fn(ctx: *mut c_void, level: u32, message: PwStr)>,
     /// Report that the guest started by `activate` with this `guest` id has stopped.
-    /// Call it exactly once per successfully activated guest.
+    /// Call it exactly once per successfully activated guest, from any thread, also
+    /// before `activate` returned (the host then handles it once `activate` returns).
+    /// `exit` is borrowed for the call and may be null (exit unknown). A report for an
+    /// unknown, stale or already-stopped guest is logged and ignored by the host.
     pub guest_stopped:
         Option<unsafe extern "C" fn(ctx: *mut c_void, guest: u64, exit: *const PwGuestExit)>,
 }
 
 /// One listening socket handed to `activate`, in the order the guest gets them (fd 3, 4, …).
+///
+/// Ownership: the host owns `fd` and the `name` bytes; both are valid only until
+/// `activate` returns. The plugin must not close the fd; to keep it past the call (for
+/// example in a child process) it `dup`s it or lets `fork` inherit it. The fd is
+/// close-on-exec and in blocking mode; the plugin clears close-on-exec only on its own
+/// copy (e.g. through `dup2` in the child), never on the host's fd.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwListenFd {
-    /// Borrowed fd, owned by the host; `dup` it to keep it past the call.
+    /// Borrowed listening socket, owned by the host; `dup` it to keep it past the call.
     pub fd: c_int,
     /// One of `PW_KIND_*`.
     pub kind: u32,
-    /// Name for `LISTEN_FDNAMES`.
+    /// Name for `LISTEN_FDNAMES`; borrowed for the call.
     pub name: PwStr,
 }
 
-/// An extra environment variable for the guest.
+/// An extra environment variable for the guest; both strings borrowed for the call.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwEnvVar {
@@ -134,7 +161,10 @@ pub struct PwEnvVar {
     pub value: PwStr,
 }
 
-/// Everything `activate` needs; valid only during the call.
+/// Everything `activate` needs.
+///
+/// Ownership: owned by the host, together with the `fds` and `env` arrays and every
+/// string they point to; all of it is valid only until `activate` returns.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwActivation {
@@ -142,19 +172,22 @@ pub struct PwActivation {
     pub size: usize,
     /// The unit's name from the config.
     pub unit: PwStr,
-    /// Host-chosen id of this guest, for `stop` and `guest_stopped`.
+    /// Host-chosen id of this guest, unique for the host process's life; passed back to
+    /// `stop` and `guest_stopped`.
     pub guest: u64,
-    /// The listeners, in guest order.
+    /// The listeners, in guest order: `fds[0]` becomes the guest's fd 3. Borrowed.
     pub fds: *const PwListenFd,
     /// Number of entries in `fds`.
     pub fd_count: usize,
-    /// Extra environment for the guest.
+    /// Extra environment for the guest. Borrowed; may be null when `env_count` is 0.
     pub env: *const PwEnvVar,
     /// Number of entries in `env`.
     pub env_count: usize,
 }
 
 /// What `activate` tells the host about the guest it started.
+///
+/// Ownership: owned by the host, writable by the plugin during `activate` only.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct PwGuestInfo {
@@ -165,30 +198,56 @@ pub struct PwGuestInfo {
 }
 
 /// Creates an instance from RON options text; writes the instance to `*instance`.
-pub type PwCreateFn = unsafe extern "C" fn(
-    host: *const PwHostV1,
-    options: PwStr,
-    instance: *mut *mut c_void,
-    error: *mut PwErrorBuf,
-) -> PwStatus;
-/// Starts a guest with the given listeners. May block (the host calls it off its event loop).
-pub type PwActivateFn = unsafe extern "C" fn(
-    instance: *mut c_void,
-    activation: *const PwActivation,
-    info: *mut PwGuestInfo,
-    error: *mut PwErrorBuf,
-) -> PwStatus;
-/// Stops a guest: ask it to stop, wait up to `timeout_ms`, then force it. May block.
-pub type PwStopFn = unsafe extern "C" fn(
-    instance: *mut c_void,
-    guest: u64,
-    timeout_ms: u64,
-    error: *mut PwErrorBuf,
-) -> PwStatus;
-/// Frees an instance. Guests it started are not stopped by this.
-pub type PwDestroyFn = unsafe extern "C" fn(instance: *mut c_void);
+///
+/// Validate the options here and return `PW_ERR_OPTIONS` with a message when they are
+/// wrong (`portwake check` shows it). `host` stays valid for the life of the process;
+/// `options` and `error` only for the call. The instance pointer is opaque to the host
+/// and owned by the plugin until `destroy`. Called on any thread; may block briefly.
+pub type PwCreateFn = Option<
+    unsafe extern "C" fn(
+        host: *const PwHostV1,
+        options: PwStr,
+        instance: *mut *mut c_void,
+        error: *mut PwErrorBuf,
+    ) -> PwStatus,
+>;
+/// Starts a guest with the given listeners; returns once it is started (or failed).
+///
+/// May block: the host calls it on a worker thread, never on its event loop, but gives
+/// up on it after the unit's `activate_timeout`. Calls for different guests of one
+/// instance may overlap. `activation`, `info` and `error` are valid for the call only.
+/// Returns `PW_OK` (the guest is started and `guest_stopped` will be reported for it
+/// exactly once) or `PW_ERR_*` with a message (no guest, no report).
+pub type PwActivateFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        activation: *const PwActivation,
+        info: *mut PwGuestInfo,
+        error: *mut PwErrorBuf,
+    ) -> PwStatus,
+>;
+/// Stops a guest: ask it to stop, wait up to `timeout_ms`, then force it.
+///
+/// May block (worker thread). An unknown or already stopped guest is not an error.
+/// The guest's end is still reported through `guest_stopped` (once), before or after
+/// `stop` returns. `error` is valid for the call only.
+pub type PwStopFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        guest: u64,
+        timeout_ms: u64,
+        error: *mut PwErrorBuf,
+    ) -> PwStatus,
+>;
+/// Frees an instance. Guests it started are not stopped by this. Called once, when no
+/// other call on the instance is running; host callbacks do nothing from then on.
+pub type PwDestroyFn = Option<unsafe extern "C" fn(instance: *mut c_void)>;
 
-/// The plugin's entry table, returned by `portwake_plugin_entry`; static for the library's life.
+/// The plugin's entry table, returned by `portwake_plugin_entry`.
+///
+/// Ownership: owned by the plugin, static and immutable for as long as the library is
+/// loaded, as are the `name` and `version` strings it points to. All four functions are
+/// required.
 #[repr(C)]
 #[derive(Debug)]
 pub struct PwPluginV1 {
@@ -203,13 +262,13 @@ pub struct PwPluginV1 {
     /// NUL-terminated plugin version.
     pub version: *const c_char,
     /// See [`PwCreateFn`].
-    pub create: Option<PwCreateFn>,
+    pub create: PwCreateFn,
     /// See [`PwActivateFn`].
-    pub activate: Option<PwActivateFn>,
+    pub activate: PwActivateFn,
     /// See [`PwStopFn`].
-    pub stop: Option<PwStopFn>,
+    pub stop: PwStopFn,
     /// See [`PwDestroyFn`].
-    pub destroy: Option<PwDestroyFn>,
+    pub destroy: PwDestroyFn,
 }
 
 /// Signature of the exported entry symbol.

@@ -401,3 +401,162 @@ macro_rules! export_plugin {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    //! The export thunks driven through the raw ABI, as the host drives them; also run
+    //! under Miri (`cargo +nightly miri test -p portwake-plugin-api --lib`).
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::abi::{PwEnvVar, PwListenFd, PW_KIND_STREAM};
+
+    struct Probe {
+        host: Host,
+    }
+
+    impl Plugin for Probe {
+        fn create(options: &str, host: Host) -> Result<Self, String> {
+            match options {
+                "panic" => panic!("probe panics"),
+                "bad" => Err("options 1:2: bad value ü".into()),
+                _ => Ok(Self { host }),
+            }
+        }
+        fn activate(&self, activation: &Activation<'_>) -> Result<GuestInfo, String> {
+            assert_eq!(activation.unit, "u");
+            assert_eq!(activation.fds.len(), 1);
+            assert_eq!(activation.fds[0].name, "http");
+            assert_eq!(activation.env, [("K", "V")]);
+            self.host.log(LogLevel::Info, "activating");
+            self.host
+                .guest_stopped(activation.guest, GuestExit::Exited(3));
+            Ok(GuestInfo { pid: Some(42) })
+        }
+        fn stop(&self, _guest: GuestId, _timeout: Duration) -> Result<(), String> {
+            Err("cannot stop".into())
+        }
+    }
+
+    static STOPPED: AtomicU64 = AtomicU64::new(0);
+
+    unsafe extern "C" fn log(_ctx: *mut c_void, _level: u32, message: PwStr) {
+        // SAFETY: the plugin passes a string valid for the call.
+        assert_eq!(unsafe { message.as_bytes() }, b"activating");
+    }
+
+    unsafe extern "C" fn stopped(_ctx: *mut c_void, guest: u64, exit: *const PwGuestExit) {
+        // SAFETY: the plugin passes a valid exit record for the call.
+        let exit = unsafe { &*exit };
+        assert_eq!(GuestExit::from_abi(exit), GuestExit::Exited(3));
+        STOPPED.store(guest, Ordering::SeqCst);
+    }
+
+    fn host() -> PwHostV1 {
+        PwHostV1 {
+            size: std::mem::size_of::<PwHostV1>(),
+            ctx: std::ptr::null_mut(),
+            log: Some(log),
+            guest_stopped: Some(stopped),
+        }
+    }
+
+    fn error_text(bytes: &[u8], buf: &PwErrorBuf) -> String {
+        String::from_utf8(bytes[..buf.len].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn create_activate_stop_destroy_through_the_abi() {
+        let host = host();
+        let mut bytes = vec![0u8; 64];
+        let mut error = PwErrorBuf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        };
+        let mut instance = std::ptr::null_mut();
+        // SAFETY: valid host table, options and out-pointers for the call.
+        let status =
+            unsafe { create::<Probe>(&host, PwStr::borrow("()"), &mut instance, &mut error) };
+        assert_eq!(status, PW_OK);
+        let fds = [PwListenFd {
+            fd: 0,
+            kind: PW_KIND_STREAM,
+            name: PwStr::borrow("http"),
+        }];
+        let env = [PwEnvVar {
+            name: PwStr::borrow("K"),
+            value: PwStr::borrow("V"),
+        }];
+        let activation = PwActivation {
+            size: std::mem::size_of::<PwActivation>(),
+            unit: PwStr::borrow("u"),
+            guest: 7,
+            fds: fds.as_ptr(),
+            fd_count: fds.len(),
+            env: env.as_ptr(),
+            env_count: env.len(),
+        };
+        let mut info = PwGuestInfo {
+            size: std::mem::size_of::<PwGuestInfo>(),
+            pid: 0,
+        };
+        // SAFETY: a live instance and pointers valid for the call.
+        let status = unsafe { activate::<Probe>(instance, &activation, &mut info, &mut error) };
+        assert_eq!(
+            (status, info.pid, STOPPED.load(Ordering::SeqCst)),
+            (PW_OK, 42, 7)
+        );
+        // SAFETY: as above.
+        let status = unsafe { stop::<Probe>(instance, 7, 1000, &mut error) };
+        assert_eq!(status, PW_ERR_FAILED);
+        assert_eq!(error_text(&bytes, &error), "cannot stop");
+        // SAFETY: the instance came from `create` and is destroyed once.
+        unsafe { destroy::<Probe>(instance) };
+    }
+
+    #[test]
+    fn errors_and_panics_become_status_codes_and_truncated_messages() {
+        let host = host();
+        let mut bytes = vec![0u8; 20];
+        let mut error = PwErrorBuf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        };
+        let mut instance = std::ptr::null_mut();
+        // SAFETY: valid pointers for the call.
+        let status =
+            unsafe { create::<Probe>(&host, PwStr::borrow("bad"), &mut instance, &mut error) };
+        assert_eq!(status, PW_ERR_OPTIONS);
+        // 20 bytes would split the 'ü': cut at the char boundary before it.
+        assert_eq!(error_text(&bytes, &error), "options 1:2: bad val");
+        // SAFETY: valid pointers for the call.
+        let status =
+            unsafe { create::<Probe>(&host, PwStr::borrow("panic"), &mut instance, &mut error) };
+        assert_eq!(status, PW_ERR_PANIC);
+        assert_eq!(error_text(&bytes, &error), "plugin panicked: pro");
+        // Null pointers are refused, not dereferenced.
+        // SAFETY: null pointers are part of what the thunks must survive.
+        let status = unsafe {
+            create::<Probe>(
+                std::ptr::null(),
+                PwStr::borrow("()"),
+                &mut instance,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(status, PW_ERR_INVALID);
+        // SAFETY: as above.
+        let status = unsafe {
+            activate::<Probe>(
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null_mut(),
+                &mut error,
+            )
+        };
+        assert_eq!(status, PW_ERR_INVALID);
+    }
+}

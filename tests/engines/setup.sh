@@ -13,7 +13,9 @@
 set -eu
 
 GUEST_DIR=${PORTWAKE_GUEST_DIR:-/var/tmp/portwake-guest-bookworm}
-MIRROR=${PORTWAKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The mirror this machine's apt already uses (first URIs: line of its deb822
+# sources), unless PORTWAKE_DEBIAN_MIRROR says otherwise.
+MIRROR=${PORTWAKE_DEBIAN_MIRROR:-$(sed -n 's/^URIs: *\([^ ]*\).*/\1/p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)}
 
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: must run as root" >&2
@@ -36,7 +38,7 @@ if [ ! -x "$GUEST_DIR/lib/systemd/systemd" ] || [ ! -x "$GUEST_DIR/usr/sbin/sshd
     echo "setup.sh: debootstrapping a bookworm systemd guest into $GUEST_DIR" >&2
     rm -rf "$GUEST_DIR.partial"
     debootstrap --variant=minbase --include=systemd,openssh-server,dbus \
-        bookworm "$GUEST_DIR.partial" "$MIRROR"
+        bookworm "$GUEST_DIR.partial" ${MIRROR:+"$MIRROR"}
     # Nothing in the guest may bind port 22 itself: the tests' sshd is socket
     # activated through portwake.
     chroot "$GUEST_DIR.partial" systemctl disable ssh.service >/dev/null 2>&1 || true

@@ -102,17 +102,35 @@ impl Daemon {
 
     /// Starts the daemon without waiting for it to be ready.
     pub fn spawn(config: &str) -> Result<Self> {
+        Self::spawn_with(config, |_| {})
+    }
+
+    /// Starts the daemon, letting `customize` change its command (environment,
+    /// fds, a wrapper) first; returns once it logged "ready".
+    pub fn start_with(config: &str, customize: impl FnOnce(&mut Command)) -> Result<Self> {
+        let daemon = Self::spawn_with(config, customize)?;
+        if !daemon.wait_log("ready", Duration::from_secs(20)) {
+            bail!("daemon did not become ready; log:\n{}", daemon.log());
+        }
+        Ok(daemon)
+    }
+
+    /// Starts the daemon without waiting, after `customize` changed its command.
+    pub fn spawn_with(config: &str, customize: impl FnOnce(&mut Command)) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("host.ron");
         std::fs::write(&path, config)?;
-        let mut child = Command::new(artifact("portwake"))
+        let mut command = Command::new(artifact("portwake"));
+        command
             .args(["run", "--log-level", "debug", "--config"])
             .arg(&path)
+            .arg("--control-socket")
+            .arg(dir.path().join("control.sock"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawning portwake")?;
+            .stderr(Stdio::piped());
+        customize(&mut command);
+        let mut child = command.spawn().context("spawning portwake")?;
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("piped stderr");
         let sink = Arc::clone(&log);
@@ -128,6 +146,40 @@ impl Daemon {
             }
         });
         Ok(Self { child, log, dir })
+    }
+
+    /// The daemon's control socket.
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// Runs a control command (`status`, `stop UNIT`, …) against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String) {
+        let socket = self.control_socket().display().to_string();
+        let mut full: Vec<&str> = args.to_vec();
+        full.insert(1, "--socket");
+        full.insert(2, &socket);
+        portwake(&full)
+    }
+
+    /// The daemon's status as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let (code, out) = self.ctl(&["status", "--json"]);
+        assert_eq!(code, 0, "status failed: {out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}: {out}"))
+    }
+
+    /// One unit's status.
+    pub fn unit_status(&self, unit: &str) -> serde_json::Value {
+        self.status()["units"]
+            .as_array()
+            .and_then(|units| units.iter().find(|u| u["name"] == unit).cloned())
+            .unwrap_or_else(|| panic!("no unit {unit} in status"))
+    }
+
+    /// Replaces the config file (for reload tests).
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(self.dir.path().join("host.ron"), config).expect("writing the config");
     }
 
     /// The daemon's pid.
@@ -358,4 +410,45 @@ pub fn seqpacket_ask(path: &Path, message: &[u8]) -> Result<Vec<u8>> {
     let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
     buf.truncate(n);
     Ok(buf)
+}
+
+/// Compiles the C source `source` into `dir/lib<name>.so` with the system `cc`,
+/// against the checked-in plugin header alone (`plugin-api/include`).
+pub fn cc_plugin(dir: &Path, name: &str, source: &Path) -> PathBuf {
+    let lib = dir.join(format!("lib{name}.so"));
+    let out = Command::new("cc")
+        .args([
+            "-std=c11", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-pthread", "-I",
+        ])
+        .arg(root().join("plugin-api/include"))
+        .arg("-o")
+        .arg(&lib)
+        .arg(source)
+        .output()
+        .expect("running the system C compiler `cc`");
+    assert!(
+        out.status.success(),
+        "cc {} failed:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// Whether the tests run as root (the plugin trust rules apply only then).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // After the command: state is field 3, utime 14 and stime 15 (1-based).
+    let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
+    field(14).unwrap_or(0) + field(15).unwrap_or(0)
 }

@@ -7,7 +7,11 @@
 //! `--startup-delay-ms N` sleep before serving (a slow guest);
 //! `--exit-after N` exit after N answers; `--exit-immediately` exit at once (status 3);
 //! `--require FILE` exit 1 at start unless FILE exists (a broken guest, fixable);
-//! `--record-starts FILE` append `pid` to FILE at each start.
+//! `--record-starts FILE` append `pid` to FILE at each start;
+//! `--say WORD` answer `WORD from <fd name>` instead of `hello from …`.
+//!
+//! A request starting with `hold` is answered `holding` and the connection then
+//! stays open until the client closes it (an idle but open connection).
 
 use std::ffi::CStr;
 use std::io::{Read, Write};
@@ -27,11 +31,13 @@ struct Flags {
     exit_immediately: bool,
     require: Option<String>,
     record_starts: Option<String>,
+    say: Option<String>,
 }
 
 /// What this process was handed, reported by `/info`.
 struct Report {
     pid: u32,
+    greeting: String,
     listen_pid: Option<String>,
     listen_fds: Option<String>,
     listen_fdnames: Option<String>,
@@ -79,6 +85,7 @@ fn main() {
         .collect();
     let report = Arc::new(Report {
         pid,
+        greeting: flags.say.clone().unwrap_or_else(|| "hello".into()),
         listen_pid,
         listen_fds: std::env::var("LISTEN_FDS").ok(),
         listen_fdnames: std::env::var("LISTEN_FDNAMES").ok(),
@@ -135,6 +142,7 @@ fn parse_flags() -> Flags {
             "--exit-immediately" => flags.exit_immediately = true,
             "--require" => flags.require = Some(value()),
             "--record-starts" => flags.record_starts = Some(value()),
+            "--say" => flags.say = Some(value()),
             other => die(&format!("unknown flag {other}")),
         }
     }
@@ -205,6 +213,17 @@ fn serve(listener: &OwnedFd, kind: &str, name: &str, report: &Report, answered: 
                 let conn = unsafe { OwnedFd::from_raw_fd(conn) };
                 let mut file = std::fs::File::from(conn);
                 let request = read_request(&mut file, kind == "seqpacket");
+                if request.starts_with(b"hold") {
+                    // Answer, then keep the connection open on a thread of its own.
+                    let _ = file.write_all(b"holding\n");
+                    answered();
+                    std::thread::spawn(move || {
+                        let _ = set_read_timeout(&file, 0);
+                        let mut sink = [0u8; 256];
+                        while matches!(file.read(&mut sink), Ok(n) if n > 0) {}
+                    });
+                    continue;
+                }
                 let reply = answer(&request, fd, name, report, kind == "stream");
                 let _ = file.write_all(reply.as_bytes());
                 answered();
@@ -215,8 +234,27 @@ fn serve(listener: &OwnedFd, kind: &str, name: &str, report: &Report, answered: 
 
 /// Reads an HTTP request head (or one packet), bounded in time and size.
 fn read_request(file: &mut std::fs::File, one_packet: bool) -> Vec<u8> {
+    set_read_timeout(file, 2);
+    let mut request = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = file.read(&mut buf) {
+        request.extend_from_slice(&buf[..n]);
+        if n == 0
+            || one_packet
+            || request.windows(4).any(|w| w == b"\r\n\r\n")
+            || (!request.starts_with(b"GET ") && request.ends_with(b"\n"))
+            || request.len() > 65536
+        {
+            break;
+        }
+    }
+    request
+}
+
+/// `SO_RCVTIMEO` in seconds; 0 waits for ever.
+fn set_read_timeout(file: &std::fs::File, seconds: i64) -> i32 {
     let timeout = libc::timeval {
-        tv_sec: 2,
+        tv_sec: seconds,
         tv_usec: 0,
     };
     // SAFETY: setsockopt with a valid timeval of the right size on our own socket.
@@ -228,20 +266,7 @@ fn read_request(file: &mut std::fs::File, one_packet: bool) -> Vec<u8> {
             std::ptr::from_ref(&timeout).cast(),
             libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).unwrap_or(0),
         )
-    };
-    let mut request = Vec::new();
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = file.read(&mut buf) {
-        request.extend_from_slice(&buf[..n]);
-        if n == 0
-            || one_packet
-            || request.windows(4).any(|w| w == b"\r\n\r\n")
-            || request.len() > 65536
-        {
-            break;
-        }
     }
-    request
 }
 
 fn answer(request: &[u8], fd: RawFd, name: &str, report: &Report, http: bool) -> String {
@@ -249,7 +274,7 @@ fn answer(request: &[u8], fd: RawFd, name: &str, report: &Report, http: bool) ->
     let body = if wants_info {
         info_json(fd, name, report)
     } else {
-        format!("hello from {name} (pid {})\n", report.pid)
+        format!("{} from {name} (pid {})\n", report.greeting, report.pid)
     };
     if http && request.starts_with(b"GET ") {
         let kind = if wants_info {

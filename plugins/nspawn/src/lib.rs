@@ -45,12 +45,28 @@ const CGROUP_DRAIN: Duration = Duration::from_secs(5);
 
 /// `--volatile=` modes, as systemd-nspawn names them.
 #[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 enum Volatile {
     No,
     Yes,
     State,
     Overlay,
+}
+
+impl TryFrom<String> for Volatile {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.as_str() {
+            "no" => Ok(Self::No),
+            "yes" => Ok(Self::Yes),
+            "state" => Ok(Self::State),
+            "overlay" => Ok(Self::Overlay),
+            _ => Err(format!(
+                "volatile {text:?} is not one of \"no\", \"yes\", \"state\", \"overlay\""
+            )),
+        }
+    }
 }
 
 impl Volatile {
@@ -146,6 +162,22 @@ impl NspawnOptions {
             return Err("options: program must not be empty".into());
         }
         Ok(())
+    }
+
+    /// The machine name nspawn uses: `machine`, else the directory's or image's
+    /// file name (for an image, without its extension).
+    fn machine_name(&self) -> Option<String> {
+        if let Some(m) = &self.machine {
+            return Some(m.clone());
+        }
+        let path = self.directory.as_ref().or(self.image.as_ref())?;
+        let name = if self.image.is_some() {
+            path.file_stem()
+        } else {
+            path.file_name()
+        }?;
+        let name = name.to_str()?;
+        (sanitize(name) == name).then(|| name.to_owned())
     }
 
     /// nspawn's command line for one activation.
@@ -252,6 +284,10 @@ impl Plugin for NspawnPlugin {
         let slot = Arc::new(GuestSlot::new(Container { process, scope }));
         self.guests.insert(activation.guest, Arc::clone(&slot));
         let (id, host, guests) = (activation.guest, self.host, self.guests.clone());
+        let propagate_dir = self
+            .options
+            .machine_name()
+            .map(|m| PathBuf::from("/run/systemd/nspawn/propagate").join(m));
         std::thread::Builder::new()
             .name(format!("nspawn-wait-{}", process.pid))
             .spawn(move || {
@@ -267,6 +303,10 @@ impl Plugin for NspawnPlugin {
                     if let Err(e) = scope.remove(CGROUP_DRAIN) {
                         host.log(LogLevel::Error, &e);
                     }
+                }
+                // nspawn's mount-propagation directory outlives a killed nspawn.
+                if let Some(dir) = &propagate_dir {
+                    let _ = std::fs::remove_dir(dir);
                 }
                 slot.set_exited(exit);
                 guests.remove(id);

@@ -1,0 +1,184 @@
+//! libvirt LXC through a private libvirtd: two units, one a defined domain started
+//! with `virsh start --pass-fds` (the seed's recipe), one transient from a domain
+//! XML with `<initenv>` added by the plugin (`virsh create --pass-fds`). Both
+//! domains' init is hello-guest with two listeners; each listener is answered
+//! from inside the container (another pid namespace); a domain destroyed from
+//! outside is noticed and the next connection starts it again.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use portwake_engine_tests::libvirtd::{Libvirtd, LXC_CONTROLLER, LXC_DRIVER};
+use portwake_engine_tests::{
+    bin_dir, free_port, hello_info, host_pid_namespace, prerequisites, report, Daemon,
+};
+
+fn domain_xml(name: &str, initenv: &str) -> String {
+    format!(
+        "<domain type='lxc'>\n  <name>{name}</name>\n  <memory unit='MiB'>256</memory>\n  \
+         <os>\n    <type>exe</type>\n    <init>{init}</init>\n{initenv}  </os>\n  \
+         <features><privnet/></features>\n  <devices><console type='pty'/></devices>\n</domain>\n",
+        init = bin_dir().join("hello-guest").display(),
+    )
+}
+
+fn addr(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+/// Both listeners of a unit answer from one container, not from the host.
+fn check_served(unit: &str, ports: [u16; 2], names: [&str; 2]) -> (String, Duration) {
+    let (first, reply) = hello_info(addr(ports[0]), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{unit}: first connection: {e}"));
+    let ns = first["pid_namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(
+        ns,
+        host_pid_namespace(),
+        "{unit}: served from the host's pid namespace"
+    );
+    assert_eq!(
+        first["pid"], 1,
+        "{unit}: not served by the container's init: {first}"
+    );
+    assert_eq!(first["listen_fds"], "2", "{unit}: {first}");
+    assert_eq!(first["served_name"], names[0], "{unit}: {first}");
+    let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{unit}: second listener: {e}"));
+    assert_eq!(
+        second["pid_namespace"],
+        ns.as_str(),
+        "{unit}: second listener, other container"
+    );
+    assert_eq!(second["served_name"], names[1], "{unit}: {second}");
+    (ns, reply.total)
+}
+
+#[test]
+fn libvirt_lxc_defined_and_transient_domains_reactivate() {
+    if !prerequisites(
+        "libvirt",
+        &["libvirtd", "virsh", "unshare"],
+        &[
+            std::path::Path::new(LXC_DRIVER),
+            std::path::Path::new(LXC_CONTROLLER),
+            &bin_dir().join("portwake"),
+            &bin_dir().join("libportwake_libvirt_lxc.so"),
+            &bin_dir().join("hello-guest"),
+        ],
+    ) {
+        return;
+    }
+    let libvirtd = Libvirtd::start();
+    let tag = std::process::id();
+    let (defined, transient) = (format!("pwtest-def-{tag}"), format!("pwtest-tr-{tag}"));
+
+    // The seed's form: a defined domain; a non-systemd init needs LISTEN_* from <initenv>.
+    let xml = libvirtd.dir().join("defined.xml");
+    std::fs::write(
+        &xml,
+        domain_xml(
+            &defined,
+            "    <initenv name='LISTEN_FDS'>2</initenv>\n    <initenv name='LISTEN_PID'>1</initenv>\n    \
+             <initenv name='LISTEN_FDNAMES'>web:api</initenv>\n",
+        ),
+    )
+    .expect("write xml");
+    let (ok, out) = libvirtd.virsh(&["define", xml.to_str().expect("utf8")]);
+    assert!(ok, "virsh define: {out}");
+    // The transient form: the plugin adds the <initenv> elements itself.
+    let template = libvirtd.dir().join("transient.xml");
+    std::fs::write(&template, domain_xml(&transient, "")).expect("write template");
+
+    let (d1, d2, t1, t2) = (free_port(), free_port(), free_port(), free_port());
+    let config = format!(
+        r#"(
+    plugin_dir: {plugin_dir:?},
+    units: [
+        (
+            name: "defined",
+            plugin: "libvirt_lxc",
+            options: (domain: {defined:?}, uri: {uri:?}, stop: "shutdown"),
+            listen: [
+                Stream(address: "127.0.0.1:{d1}", name: "web"),
+                Stream(address: "127.0.0.1:{d2}", name: "api"),
+            ],
+            stop_timeout: "1s",
+        ),
+        (
+            name: "transient",
+            plugin: "libvirt_lxc",
+            options: (domain: {transient:?}, uri: {uri:?}, stop: "destroy", xml: {template:?}),
+            listen: [
+                Stream(address: "127.0.0.1:{t1}", name: "www"),
+                Stream(address: "127.0.0.1:{t2}", name: "admin"),
+            ],
+            stop_timeout: "10s",
+        ),
+    ],
+)"#,
+        plugin_dir = bin_dir().display().to_string(),
+        uri = libvirtd.uri,
+        template = template.display().to_string(),
+    );
+    let mut daemon = Daemon::start(libvirtd.dir(), &config);
+
+    for (unit, domain, ports, names) in [
+        ("defined", &defined, [d1, d2], ["web", "api"]),
+        ("transient", &transient, [t1, t2], ["www", "admin"]),
+    ] {
+        let (ns, first_byte) = check_served(unit, ports, names);
+        report(
+            "libvirt_lxc",
+            &format!("first byte ({unit} domain start)"),
+            first_byte,
+        );
+        assert_eq!(libvirtd.domstate(domain), "running");
+
+        // Destroyed from outside: portwake notices and listens again.
+        let stops_before = daemon.log().matches("guest stopped").count();
+        let t = Instant::now();
+        let (ok, out) = libvirtd.virsh(&["destroy", domain]);
+        assert!(ok, "virsh destroy: {out}");
+        report(
+            "libvirt_lxc",
+            &format!("stop (virsh destroy of {unit}, init ignores SIGTERM)"),
+            t.elapsed(),
+        );
+        let noticed = daemon.wait_log("guest stopped", stops_before + 1, Duration::from_secs(10));
+        report(
+            "libvirt_lxc",
+            &format!("outside destroy noticed ({unit})"),
+            noticed,
+        );
+
+        let (ns2, again) = check_served(unit, ports, names);
+        report(
+            "libvirt_lxc",
+            &format!("first byte after re-activation ({unit})"),
+            again,
+        );
+        assert_eq!(libvirtd.domstate(domain), "running");
+        let _ = (ns, ns2); // namespace inodes may be reused; the restart shows in the log
+    }
+    assert_eq!(
+        daemon.log().matches("started libvirt domain").count(),
+        4,
+        "{}",
+        daemon.log()
+    );
+
+    // portwake's own stop: destroy (transient) and shutdown → destroy after 1s (defined).
+    let (took, clean) = daemon.terminate(Duration::from_secs(60));
+    assert!(clean, "daemon did not exit cleanly:\n{}", daemon.log());
+    report(
+        "libvirt_lxc",
+        "stop (daemon SIGTERM: both domains stopped, daemon exited)",
+        took,
+    );
+    assert_eq!(libvirtd.domstate(&defined), "shut off");
+    let (_, out) = libvirtd.virsh(&["list", "--name"]);
+    assert!(out.trim().is_empty(), "domains still running: {out}");
+}

@@ -1,0 +1,309 @@
+//! systemd-nspawn + a real systemd guest (debootstrap'd bookworm, see setup.sh) +
+//! a real `ssh`: portwake holds the guest's sshd port and a second
+//! socket-activated service; the first connection boots the container; after the
+//! guest powers itself off both ports listen again and work again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use portwake_engine_tests::{
+    bin_dir, cgroups_named, exchange, prerequisites, remove_cgroup_tree, report, run_ok, wait_for,
+    Daemon,
+};
+
+fn guest_dir() -> PathBuf {
+    std::env::var_os("PORTWAKE_GUEST_DIR").map_or_else(
+        || PathBuf::from("/var/tmp/portwake-guest-bookworm"),
+        PathBuf::from,
+    )
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}
+
+/// Guest unit files: sshd.socket (Accept=yes) + sshd@.service, and hello.socket +
+/// hello@.service, a second per-connection service; both enabled.
+fn guest_units(dir: &Path, ssh_port: u16, hello_port: u16) -> Vec<String> {
+    let units = dir.join("units");
+    let wants = dir.join("sockets.target.wants");
+    std::fs::create_dir_all(&units).expect("units dir");
+    std::fs::create_dir_all(&wants).expect("wants dir");
+    write(
+        &units.join("sshd.socket"),
+        &format!(
+            "[Unit]\nDescription=OpenSSH per-connection socket (portwake)\n\n\
+             [Socket]\nListenStream=127.0.0.1:{ssh_port}\nAccept=yes\n\n\
+             [Install]\nWantedBy=sockets.target\n"
+        ),
+    );
+    write(
+        &units.join("sshd@.service"),
+        "[Unit]\nDescription=OpenSSH per-connection server\n\n\
+         [Service]\nExecStart=-/usr/sbin/sshd -i\nStandardInput=socket\n\
+         RuntimeDirectory=sshd\nRuntimeDirectoryPreserve=yes\n",
+    );
+    write(
+        &units.join("hello.socket"),
+        &format!(
+            "[Unit]\nDescription=hello per-connection socket (portwake)\n\n\
+             [Socket]\nListenStream=127.0.0.1:{hello_port}\nAccept=yes\n\n\
+             [Install]\nWantedBy=sockets.target\n"
+        ),
+    );
+    write(
+        &units.join("hello@.service"),
+        "[Unit]\nDescription=hello per-connection service\n\n\
+         [Service]\nStandardInput=socket\n\
+         ExecStart=/bin/sh -c 'echo \"hello from $(cat /proc/1/comm) in $(readlink /proc/self/ns/pid)\"'\n",
+    );
+    let mut binds = Vec::new();
+    for name in [
+        "sshd.socket",
+        "sshd@.service",
+        "hello.socket",
+        "hello@.service",
+    ] {
+        binds.push(format!(
+            "--bind-ro={}:/etc/systemd/system/{name}",
+            units.join(name).display()
+        ));
+    }
+    for name in ["sshd.socket", "hello.socket"] {
+        std::os::unix::fs::symlink(format!("/etc/systemd/system/{name}"), wants.join(name))
+            .expect("symlink");
+    }
+    binds.push(format!(
+        "--bind-ro={}:/etc/systemd/system/sockets.target.wants",
+        wants.display()
+    ));
+    binds
+}
+
+fn ssh(key: &Path, port: u16, command: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.arg("-i")
+        .arg(key)
+        .args([
+            "-p",
+            &port.to_string(),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=30",
+            "root@127.0.0.1",
+            command,
+        ])
+        .stdin(Stdio::null());
+    c
+}
+
+fn ssh_ok(key: &Path, port: u16, command: &str) -> String {
+    let out = ssh(key, port, command).output().expect("run ssh");
+    assert!(
+        out.status.success(),
+        "ssh {command:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn nspawn_systemd_guest_ssh_and_second_service_reactivate() {
+    let guest = guest_dir();
+    if !prerequisites(
+        "nspawn",
+        &["systemd-nspawn", "ssh", "ssh-keygen"],
+        &[
+            &bin_dir().join("portwake"),
+            &bin_dir().join("libportwake_nspawn.so"),
+            &guest.join("lib/systemd/systemd"),
+            &guest.join("usr/sbin/sshd"),
+        ],
+    ) {
+        return;
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("portwake-nspawn-")
+        .tempdir()
+        .expect("tempdir");
+    let (ssh_port, hello_port) = (
+        portwake_engine_tests::free_port(),
+        portwake_engine_tests::free_port(),
+    );
+    let key = tmp.path().join("id_ed25519");
+    run_ok(&[
+        "ssh-keygen",
+        "-q",
+        "-t",
+        "ed25519",
+        "-N",
+        "",
+        "-f",
+        key.to_str().expect("utf8"),
+    ]);
+    let authorized = tmp.path().join("authorized_keys");
+    std::fs::copy(key.with_extension("pub"), &authorized).expect("authorized_keys");
+    let mut args = guest_units(tmp.path(), ssh_port, hello_port);
+    args.push(format!(
+        "--bind-ro={}:/root/.ssh/authorized_keys",
+        authorized.display()
+    ));
+    let machine = format!("pwtest-{}", std::process::id());
+    let args_ron: Vec<String> = args.iter().map(|a| format!("{a:?}")).collect();
+    let config = format!(
+        r#"(
+    plugin_dir: {plugin_dir:?},
+    units: [(
+        name: "box",
+        plugin: "nspawn",
+        options: (
+            directory: {guest:?},
+            machine: {machine:?},
+            private_network: true,
+            volatile: "overlay",
+            args: [{args}],
+        ),
+        listen: [
+            Stream(address: "127.0.0.1:{ssh_port}", name: "ssh"),
+            Stream(address: "127.0.0.1:{hello_port}", name: "hello"),
+        ],
+        stop_timeout: "20s",
+    )],
+)"#,
+        plugin_dir = bin_dir().display().to_string(),
+        guest = guest.display().to_string(),
+        args = args_ron.join(", "),
+    );
+
+    let mut daemon = Daemon::start(tmp.path(), &config);
+    // Whatever happens: nothing of this daemon's guests stays behind.
+    let scope_prefix = format!("portwake-nspawn.{}.", daemon.pid);
+    daemon.cleanup_after(move || {
+        for dir in cgroups_named(&scope_prefix) {
+            remove_cgroup_tree(&dir);
+        }
+    });
+    let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
+    let hello_addr: SocketAddr = ([127, 0, 0, 1], hello_port).into();
+
+    // 1. First connection: the SSH banner comes from the guest's sshd.
+    let t0 = Instant::now();
+    let banner = exchange(ssh_addr, b"", Some("\n"), Duration::from_secs(60))
+        .expect("ssh banner from the booted guest");
+    assert!(
+        banner.text.starts_with("SSH-2.0-"),
+        "banner: {:?}",
+        banner.text
+    );
+    report(
+        "nspawn",
+        "first byte (ssh banner, container boot)",
+        banner.total,
+    );
+    daemon.wait_log("started systemd-nspawn", 1, Duration::from_secs(5));
+
+    // 2. A real ssh login with a key, running a command in the guest.
+    let t = Instant::now();
+    let out = ssh_ok(
+        &key,
+        ssh_port,
+        "cat /proc/1/comm; readlink /proc/self/ns/pid",
+    );
+    report(
+        "nspawn",
+        "ssh command round trip (running guest)",
+        t.elapsed(),
+    );
+    let host_ns = portwake_engine_tests::host_pid_namespace();
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("systemd"), "guest PID 1: {out}");
+    let guest_ns = lines.next().unwrap_or_default().to_owned();
+    assert_ne!(guest_ns, host_ns, "ssh ran in the host's pid namespace");
+
+    // 3. The second service answers, from the same container.
+    let hello = exchange(hello_addr, b"", None, Duration::from_secs(30)).expect("hello service");
+    assert!(
+        hello
+            .text
+            .contains(&format!("hello from systemd in {guest_ns}")),
+        "hello: {:?}",
+        hello.text
+    );
+    eprintln!("nspawn: first activation done in {:?}", t0.elapsed());
+
+    // 4. The guest powers itself off: portwake notices and listens again.
+    let t = Instant::now();
+    let _ = ssh(&key, ssh_port, "systemctl poweroff").output();
+    daemon.wait_log("guest stopped", 1, Duration::from_secs(60));
+    report(
+        "nspawn",
+        "stop (poweroff inside -> guest stopped reported)",
+        t.elapsed(),
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon
+            .children()
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "nspawn still running: {:?}",
+        daemon.children()
+    );
+    assert!(
+        cgroups_named(&format!("portwake-nspawn.{}.", daemon.pid)).is_empty(),
+        "guest cgroups left: {:?}",
+        cgroups_named("portwake-nspawn.")
+    );
+
+    // 5. Both ports work again: the hello port boots a new container first …
+    let hello2 = exchange(hello_addr, b"", None, Duration::from_secs(60)).expect("hello again");
+    assert!(
+        hello2.text.contains("hello from systemd"),
+        "hello: {:?}",
+        hello2.text
+    );
+    report(
+        "nspawn",
+        "first byte after re-activation (hello service)",
+        hello2.total,
+    );
+    daemon.wait_log("started systemd-nspawn", 2, Duration::from_secs(5));
+    // … and ssh works in it.
+    let out = ssh_ok(&key, ssh_port, "cat /proc/1/comm");
+    assert_eq!(out.trim(), "systemd");
+
+    // 6. portwake's own stop: SIGTERM to nspawn → clean guest shutdown.
+    let (took, clean) = daemon.terminate(Duration::from_secs(60));
+    assert!(clean, "daemon did not exit cleanly:\n{}", daemon.log());
+    report(
+        "nspawn",
+        "stop (daemon SIGTERM -> guest shut down, daemon exited)",
+        took,
+    );
+    assert!(
+        daemon.log().contains("all guests stopped"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        cgroups_named(&format!("portwake-nspawn.{}.", daemon.pid)).is_empty(),
+        "guest cgroups left after stop"
+    );
+    assert!(
+        !Path::new("/run/systemd/nspawn/propagate")
+            .join(&machine)
+            .exists(),
+        "nspawn's propagate directory left behind"
+    );
+}
