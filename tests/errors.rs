@@ -172,12 +172,52 @@ const struct entry *portwake_plugin_entry(void) {{ return &e; }}
     )
 }
 
+/// A plugin built against ABI 1.0: its table ends before 1.1's `adopt`.
+const ABI_1_0_PLUGIN: &str = r#"#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+typedef struct { const char *ptr; size_t len; } Str;
+typedef struct { uint8_t *ptr; size_t cap; size_t len; } Err;
+static int32_t create(const void *host, Str options, void **instance, Err *e) {
+    (void)host; (void)options; (void)e; *instance = (void *)1; return 0;
+}
+static int32_t activate(void *i, const void *a, void *info, Err *e) {
+    (void)i; (void)a; (void)info;
+    const char *m = "v1.0 activate called";
+    size_t n = strlen(m) < e->cap ? strlen(m) : e->cap;
+    memcpy(e->ptr, m, n); e->len = n; return 2;
+}
+static int32_t stop(void *i, uint64_t g, uint64_t t, Err *e) { (void)i; (void)g; (void)t; (void)e; return 0; }
+static void destroy(void *i) { (void)i; }
+struct entry { size_t size; uint32_t major, minor; const char *name, *version; void *f[4]; };
+static const struct entry e = { sizeof(struct entry), 1, 0, "old", "0.9",
+    { (void *)create, (void *)activate, (void *)stop, (void *)destroy } };
+const struct entry *portwake_plugin_entry(void) { return &e; }
+"#;
+
+#[test]
+fn a_plugin_built_for_abi_1_0_still_loads_and_is_called() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = c_plugin(dir.path(), "old", ABI_1_0_PLUGIN);
+    let port = free_port();
+    let daemon = Daemon::start(&format!(
+        r#"(allow_untrusted_plugins: true, units: [(name: "old", plugin: "{lib}", listen: [Stream(address: "127.0.0.1:{port}")])])"#
+    ))
+    .unwrap();
+    let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(
+        daemon.wait_log("v1.0 activate called", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+}
+
 #[test]
 fn a_plugin_of_another_abi_is_refused_with_both_versions() {
     let dir = tempfile::tempdir().unwrap();
     for (major, minor, expected) in [
-        (2, 0, "plugin ABI 2.0 is not supported by this portwake (ABI 1.0): rebuild the plugin against ABI 1"),
-        (1, 7, "plugin ABI 1.7 is newer than this portwake's ABI 1.0: upgrade portwake"),
+        (2, 0, "plugin ABI 2.0 is not supported by this portwake (ABI 1.1): rebuild the plugin against ABI 1"),
+        (1, 7, "plugin ABI 1.7 is newer than this portwake's ABI 1.1: upgrade portwake"),
     ] {
         let lib = c_plugin(dir.path(), &format!("abi{major}{minor}"), &versioned_entry(major, minor));
         let log = refused(&format!(
@@ -205,7 +245,7 @@ fn plugins_lists_the_built_in_plugins_with_versions() {
         .lines()
         .find(|l| l.starts_with("exec "))
         .unwrap_or_else(|| panic!("{out}"));
-    assert!(exec.contains("ABI 1.0"), "{exec}");
+    assert!(exec.contains("ABI 1.1"), "{exec}");
     assert!(
         exec.contains(&artifact("libportwake_exec.so").display().to_string()),
         "{exec}"

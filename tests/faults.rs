@@ -114,7 +114,7 @@ static int32_t bad_stop(void *instance, uint64_t guest, uint64_t timeout_ms, PwE
 static void bad_destroy(void *instance) { (void)instance; }
 static const PwPluginV1 ENTRY = {
     sizeof(PwPluginV1), PW_ABI_MAJOR, PW_ABI_MINOR, "bad", "0",
-    bad_create, bad_activate, bad_stop, bad_destroy,
+    bad_create, bad_activate, bad_stop, bad_destroy, NULL,
 };
 const struct PwPluginV1 *portwake_plugin_entry(void) {
 #ifdef NULL_ENTRY

@@ -109,6 +109,9 @@ pub struct Pending {
     pub request: Request,
     /// Where the loop sends the reply.
     pub reply: mpsc::Sender<serde_json::Value>,
+    /// Signalled once the reply is written to the client (a live restart waits for
+    /// it: an exec would otherwise end the control thread mid-reply).
+    pub written: mpsc::Receiver<()>,
 }
 
 /// Binds the control socket (replacing a stale one) and serves it on a thread;
@@ -185,11 +188,17 @@ fn handle(stream: UnixStream, own_uid: u32, deliver: &impl Fn(Pending)) {
     };
     debug!(?request, "control request");
     let (tx, rx) = mpsc::channel();
-    deliver(Pending { request, reply: tx });
+    let (written_tx, written) = mpsc::channel();
+    deliver(Pending {
+        request,
+        reply: tx,
+        written,
+    });
     let answer = rx
         .recv_timeout(REPLY_TIMEOUT)
         .unwrap_or_else(|_| error_reply("the daemon did not answer in time"));
     reply(&stream, answer);
+    let _ = written_tx.send(());
 }
 
 /// `{"ok": false, "error": message}`.

@@ -15,7 +15,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use portwake_plugin_api::abi;
 use portwake_plugin_api::GuestExit;
 use sd_notify::NotifyState;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
@@ -25,8 +25,10 @@ use crate::guest_match;
 use crate::listener::{self, BoundSocket, ListenError};
 use crate::metrics;
 use crate::plugin_host::{
-    self, ActivationFd, HostEvents, PluginError, PluginInstance, PluginLibrary,
+    self, ActivationFd, AdoptFailure, HostEvents, PluginError, PluginInstance, PluginLibrary,
+    Started,
 };
+use crate::restart::{self, RestartState, RunningGuest};
 use crate::sock_diag;
 use crate::start_guard::Backoff;
 use crate::supervisor::{self, Inherited};
@@ -36,6 +38,10 @@ const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// Extra time granted at shutdown beyond the longest stop timeout.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often a pending live restart checks whether the units are settled.
+const RESTART_POLL: Duration = Duration::from_millis(20);
+/// How long a live restart waits for starts and stops in flight.
+const RESTART_SETTLE: Duration = Duration::from_secs(30);
 /// Bounds of the idle-check period (a tenth of the shortest `idle_stop`).
 const IDLE_CHECK_MIN: Duration = Duration::from_millis(50);
 const IDLE_CHECK_MAX: Duration = Duration::from_secs(5);
@@ -104,7 +110,7 @@ enum LoopEvent {
     Activated {
         unit: usize,
         guest: u64,
-        result: Result<Option<i64>, PluginError>,
+        result: Result<Started, PluginError>,
     },
     Stopped {
         unit: usize,
@@ -188,6 +194,15 @@ pub struct Daemon {
     /// Set once a stop signal came: the time by which the daemon exits regardless.
     shutdown_deadline: Option<Instant>,
     next_idle_check: Option<Instant>,
+    /// A live restart was asked for at this time; it happens once no unit is between states.
+    restart_requested: Option<Instant>,
+    /// Signalled when the control thread has written the restart request's reply.
+    restart_reply_written: Option<mpsc::Receiver<()>>,
+    /// The executable to exec for a live restart (its path at start-up, so an
+    /// upgraded binary installed under the same name is what runs next).
+    executable: PathBuf,
+    /// When this daemon process image started (changes across a live restart).
+    instance: u128,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -214,7 +229,7 @@ impl Daemon {
             sender: Mutex::new(sender),
             waker,
         });
-        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
             .map_err(io_error("installing signal handlers"))?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
@@ -239,6 +254,12 @@ impl Daemon {
             next_guest: 1,
             shutdown_deadline: None,
             next_idle_check: None,
+            restart_requested: None,
+            restart_reply_written: None,
+            executable: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe")),
+            instance: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
         };
         for unit in &config.units {
             let slot = daemon.units.len();
@@ -246,6 +267,9 @@ impl Daemon {
             daemon.add_unit(prepared);
         }
         inherited.release_unclaimed();
+        if let Some(state) = RestartState::take(&restart::state_path(&daemon.control_path)) {
+            daemon.adopt_guests(state);
+        }
         let notifier = Arc::clone(&daemon.notifier);
         control::serve(&daemon.control_path, move |pending| {
             notifier.send(LoopEvent::Control(pending));
@@ -290,6 +314,12 @@ impl Daemon {
             self.expire_starts(now);
             if self.next_idle_check.is_some_and(|t| t <= now) {
                 self.check_idle(now);
+            }
+            if self.restart_requested.is_some() && self.shutdown_deadline.is_none() {
+                if let Err(e) = self.try_restart(now) {
+                    error!(error = %e, "live restart failed; exiting so the supervisor starts portwake afresh");
+                    return Err(e);
+                }
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.live_units().all(|(_, u)| !u.has_guest()) {
@@ -468,6 +498,10 @@ impl Daemon {
             })
             .chain(self.shutdown_deadline)
             .chain(self.next_idle_check)
+            .chain(
+                self.restart_requested
+                    .map(|_| Instant::now() + RESTART_POLL),
+            )
             .min()
     }
 
@@ -588,14 +622,18 @@ impl Daemon {
                     self.guest_exited(unit, guest, exit);
                 }
                 LoopEvent::Control(pending) => {
+                    let is_restart = pending.request == Request::Restart;
                     let reply = self.control(pending.request);
                     let _ = pending.reply.send(reply);
+                    if is_restart {
+                        self.restart_reply_written = Some(pending.written);
+                    }
                 }
             }
         }
     }
 
-    fn activated(&mut self, u: usize, guest: u64, result: Result<Option<i64>, PluginError>) {
+    fn activated(&mut self, u: usize, guest: u64, result: Result<Started, PluginError>) {
         let Some(unit) = self.units[u].as_mut() else {
             return;
         };
@@ -608,9 +646,9 @@ impl Daemon {
             _ => None,
         };
         let Some((since, exited)) = starting else {
-            if let Ok(pid) = result {
+            if let Ok(started) = result {
                 // A start given up on (timed out) came through after all: stop that guest.
-                warn!(unit = %unit.config.name, guest, pid = pid.unwrap_or(0), "a start given up on returned after all; stopping that guest");
+                warn!(unit = %unit.config.name, guest, pid = started.pid.unwrap_or(0), "a start given up on returned after all; stopping that guest");
                 let plugin = Arc::clone(&unit.plugin);
                 let timeout = unit.config.stop_timeout;
                 self.spawn_worker(u, "stop-late", move || {
@@ -623,10 +661,12 @@ impl Daemon {
         let name = Arc::clone(&unit.config);
         let name = name.name.as_str();
         match result {
-            Ok(pid) => {
+            Ok(started) => {
                 let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+                let pid = started.pid;
                 info!(unit = %name, guest, pid = pid.unwrap_or(0), took_ms, "guest started");
                 unit.stats.observe_latency(took);
+                unit.guest_handle = started.handle;
                 unit.set_state(State::Running {
                     guest,
                     pid,
@@ -864,6 +904,113 @@ impl Daemon {
         info!(unit = %unit.config.name, "removed");
     }
 
+    // ---- live restart ----
+
+    /// Once no unit is between states: stops the guests no plugin can adopt, then
+    /// execs a fresh portwake with every listener (`LISTEN_FDS`) and a state file
+    /// naming the running guests, which it adopts. Returns only on failure.
+    fn try_restart(&mut self, now: Instant) -> Result<(), DaemonError> {
+        let asked = self.restart_requested.expect("checked by the caller");
+        let in_flight = self
+            .live_units()
+            .any(|(_, u)| matches!(u.state, State::Starting { .. } | State::Stopping { .. }));
+        if in_flight && now < asked + RESTART_SETTLE {
+            return Ok(());
+        }
+        let unadoptable: Vec<(usize, u64)> = self
+            .live_units()
+            .filter_map(|(i, u)| match u.state {
+                State::Running { guest, .. }
+                    if !u.plugin.can_adopt() || u.guest_handle.is_none() =>
+                {
+                    Some((i, guest))
+                }
+                _ => None,
+            })
+            .collect();
+        if !unadoptable.is_empty() && now < asked + RESTART_SETTLE {
+            for (u, guest) in unadoptable {
+                info!(unit = %self.unit(u).config.name, guest, "its plugin cannot adopt guests: stopping it before the restart");
+                self.stop(u, guest, AfterStop::Listen);
+            }
+            return Ok(());
+        }
+        let mut fds = Vec::new();
+        let mut guests = Vec::new();
+        for (_, unit) in self.live_units() {
+            let pending = unit.pending.iter().flat_map(|p| p.listeners.iter());
+            for l in unit.listeners.iter().chain(pending) {
+                if !fds
+                    .iter()
+                    .any(|(s, _): &(Arc<BoundSocket>, String)| Arc::ptr_eq(s, &l.socket))
+                {
+                    fds.push((
+                        Arc::clone(&l.socket),
+                        supervisor::fd_store_name(&unit.config.name, &l.config),
+                    ));
+                }
+            }
+            if let (State::Running { guest, pid, .. }, Some(handle)) =
+                (unit.state, &unit.guest_handle)
+            {
+                guests.push(RunningGuest {
+                    unit: unit.config.name.clone(),
+                    guest,
+                    pid,
+                    handle: handle.clone(),
+                });
+            }
+        }
+        let state = RestartState {
+            next_guest: self.next_guest,
+            guests,
+        };
+        let path = restart::state_path(&self.control_path);
+        info!(listeners = fds.len(), guests = state.guests.len(), executable = %self.executable.display(), "live restart: handing over");
+        if let Some(written) = self.restart_reply_written.take() {
+            let _ = written.recv_timeout(Duration::from_secs(1));
+        }
+        let started = Instant::now();
+        let error = restart::exec(&self.executable, &fds, &state, &path, started);
+        Err(DaemonError::Io {
+            step: "live restart (exec)",
+            source: error,
+        })
+    }
+
+    /// Takes over the guests an earlier daemon process left running.
+    fn adopt_guests(&mut self, state: RestartState) {
+        self.next_guest = self.next_guest.max(state.next_guest);
+        for running in state.guests {
+            let Some(&u) = self.by_name.get(&running.unit) else {
+                warn!(unit = %running.unit, guest = running.guest, "a guest of a unit no longer in the config was left running; not adopted");
+                continue;
+            };
+            let plugin = Arc::clone(&self.unit(u).plugin);
+            match plugin.adopt(running.guest, &running.handle) {
+                Ok(started) => {
+                    self.deregister(u);
+                    let unit = self.unit_mut(u);
+                    info!(unit = %unit.config.name, guest = running.guest, pid = started.pid.unwrap_or(0), "adopted a running guest");
+                    unit.guest_handle = started.handle.or(Some(running.handle));
+                    unit.set_state(State::Running {
+                        guest: running.guest,
+                        pid: started.pid.or(running.pid),
+                        since: Instant::now(),
+                    });
+                    unit.last_busy = Instant::now();
+                }
+                Err(AdoptFailure::Gone) => {
+                    info!(unit = %running.unit, guest = running.guest, "the guest ended during the restart; listening");
+                }
+                Err(e) => {
+                    warn!(unit = %running.unit, guest = running.guest, pid = running.pid.unwrap_or(0), error = %e, "cannot adopt the running guest; listening (it may still run)");
+                }
+            }
+        }
+        self.schedule_idle_check();
+    }
+
     // ---- idle stop ----
 
     fn schedule_idle_check(&mut self) {
@@ -908,8 +1055,12 @@ impl Daemon {
                 .iter()
                 .map(|l| connections.count(&l.config))
                 .sum();
-            if open > 0 {
+            tracing::trace!(unit = %unit.config.name, open, "idle check");
+            if open > 0 || unit.was_busy {
+                // The last connection closed at some time since the previous check:
+                // count the idle time from now, so it is never cut short.
                 unit.last_busy = now;
+                unit.was_busy = open > 0;
                 continue;
             }
             let idle = unit.config.idle_stop.expect("filtered");
@@ -932,6 +1083,10 @@ impl Daemon {
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
             match signal {
+                SIGUSR2 => {
+                    info!("SIGUSR2: live restart requested");
+                    self.restart_requested.get_or_insert_with(Instant::now);
+                }
                 SIGHUP => match self.reload() {
                     Ok(summary) => info!(%summary, "SIGHUP: reloaded"),
                     Err(e) => {
@@ -1037,7 +1192,14 @@ impl Daemon {
                     ))
                 }
             },
-            Request::Restart => error_reply("restart is not supported by this version"),
+            Request::Restart => {
+                if self.shutdown_deadline.is_some() {
+                    return error_reply("the daemon is stopping");
+                }
+                info!("live restart requested");
+                self.restart_requested.get_or_insert_with(Instant::now);
+                serde_json::json!({"ok": true, "restarting": true, "instance": self.instance.to_string()})
+            }
         }
     }
 
@@ -1050,6 +1212,7 @@ impl Daemon {
         serde_json::json!({
             "ok": true,
             "pid": std::process::id(),
+            "instance": self.instance.to_string(),
             "config": self.config_path.display().to_string(),
             "units": units,
         })

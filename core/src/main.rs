@@ -67,6 +67,12 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Exec a fresh portwake (an upgraded binary, say) that takes over every
+    /// listener and running guest, without refusing a client; waits until it answers.
+    Restart {
+        #[command(flatten)]
+        target: Target,
+    },
     /// Validate a config and let every plugin validate its options; exit 1 on any problem.
     Check {
         /// The host config (RON).
@@ -191,6 +197,7 @@ fn main() -> ExitCode {
                 reply["summary"].as_str().unwrap_or_default()
             );
         }),
+        Command::Restart { target } => restart(&target),
         Command::Check { config } => {
             let report = portwake::check::check(&config);
             for p in &report.problems {
@@ -254,6 +261,46 @@ fn control(target: &Target, request: &Request, show: impl FnOnce(&serde_json::Va
                 reply["error"].as_str().unwrap_or("the daemon refused")
             );
             ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("portwake: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Asks for a live restart and waits until the new image answers.
+fn restart(target: &Target) -> ExitCode {
+    let started = std::time::Instant::now();
+    let result = (|| -> anyhow::Result<String> {
+        let socket = target.socket()?;
+        let reply = portwake::control::request(&socket, &Request::Restart)?;
+        if reply["ok"] != true {
+            anyhow::bail!(
+                "{}",
+                reply["error"].as_str().unwrap_or("the daemon refused")
+            );
+        }
+        let old = reply["instance"].clone();
+        let deadline = started + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Ok(status) = portwake::control::request(&socket, &Request::Status) {
+                if status["ok"] == true && status["instance"] != old {
+                    return Ok(format!(
+                        "restarted in {} ms (pid {})",
+                        started.elapsed().as_millis(),
+                        status["pid"]
+                    ));
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        anyhow::bail!("the daemon did not come back within 60 s")
+    })();
+    match result {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("portwake: {e:#}");

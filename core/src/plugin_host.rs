@@ -87,8 +87,9 @@ pub struct PluginLibrary {
     name: String,
     version: String,
     abi_minor: u32,
-    table: *const PwPluginV1,
-    // Dropped last: `table` points into it.
+    /// A copy of the plugin's entry table (its pointers lead into the library).
+    table: PwPluginV1,
+    // Dropped last: the table's pointers lead into it.
     _library: libloading::Library,
 }
 
@@ -241,30 +242,64 @@ impl PluginLibrary {
             path: path.to_owned(),
             message,
         };
-        // SAFETY: a non-null table points to the plugin's static entry table.
-        let t = unsafe { table.as_ref() }.ok_or_else(|| abi_error("entry returned null".into()))?;
-        if t.abi_major != abi::ABI_MAJOR {
+        if table.is_null() {
+            return Err(abi_error("entry returned null".into()));
+        }
+        // Read the fixed header first: an older plugin's table is shorter than ours,
+        // so no reference to a whole `PwPluginV1` may be made before its size is known.
+        // SAFETY: every ABI version's table starts with size, major and minor.
+        let (size, major, minor) = unsafe {
+            (
+                std::ptr::addr_of!((*table).size).read(),
+                std::ptr::addr_of!((*table).abi_major).read(),
+                std::ptr::addr_of!((*table).abi_minor).read(),
+            )
+        };
+        if major != abi::ABI_MAJOR {
             return Err(abi_error(format!(
-                "plugin ABI {}.{} is not supported by this portwake (ABI {}.{}): rebuild the plugin against ABI {}",
-                t.abi_major, t.abi_minor, abi::ABI_MAJOR, abi::ABI_MINOR, abi::ABI_MAJOR
+                "plugin ABI {major}.{minor} is not supported by this portwake (ABI {}.{}): rebuild the plugin against ABI {}",
+                abi::ABI_MAJOR, abi::ABI_MINOR, abi::ABI_MAJOR
             )));
         }
-        if t.abi_minor > abi::ABI_MINOR {
+        if minor > abi::ABI_MINOR {
             return Err(abi_error(format!(
-                "plugin ABI {}.{} is newer than this portwake's ABI {}.{}: upgrade portwake",
-                t.abi_major,
-                t.abi_minor,
+                "plugin ABI {major}.{minor} is newer than this portwake's ABI {}.{}: upgrade portwake",
                 abi::ABI_MAJOR,
                 abi::ABI_MINOR
             )));
         }
-        if t.size < std::mem::size_of::<PwPluginV1>() {
+        // The table as ABI major.minor defines it: 1.0 ends before `adopt`.
+        let needed = if minor == 0 {
+            std::mem::offset_of!(PwPluginV1, adopt)
+        } else {
+            std::mem::size_of::<PwPluginV1>()
+        };
+        if size < needed {
             return Err(abi_error(format!(
-                "entry table is {} bytes, ABI {}.0 needs {}",
-                t.size,
-                abi::ABI_MAJOR,
-                std::mem::size_of::<PwPluginV1>()
+                "entry table is {size} bytes, ABI {major}.{minor} needs {needed}"
             )));
+        }
+        let mut t = PwPluginV1 {
+            size,
+            abi_major: major,
+            abi_minor: minor,
+            name: std::ptr::null(),
+            version: std::ptr::null(),
+            create: None,
+            activate: None,
+            stop: None,
+            destroy: None,
+            adopt: None,
+        };
+        // SAFETY: the plugin's table holds at least `needed` bytes (checked above),
+        // and a prefix of a `PwPluginV1` is a valid prefix of ours; later fields stay
+        // None, which an older plugin does not have.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                table.cast::<u8>(),
+                std::ptr::from_mut(&mut t).cast::<u8>(),
+                needed,
+            );
         }
         if t.create.is_none() || t.activate.is_none() || t.stop.is_none() || t.destroy.is_none() {
             return Err(abi_error(
@@ -284,7 +319,7 @@ impl PluginLibrary {
             name: text(t.name),
             version: text(t.version),
             abi_minor: t.abi_minor,
-            table,
+            table: t,
             _library: library,
         }))
     }
@@ -310,8 +345,12 @@ impl PluginLibrary {
     }
 
     fn table(&self) -> &PwPluginV1 {
-        // SAFETY: checked non-null at load; static data of the still-loaded library.
-        unsafe { &*self.table }
+        &self.table
+    }
+
+    /// Whether the plugin can take over guests of an earlier daemon (ABI 1.1 `adopt`).
+    pub fn can_adopt(&self) -> bool {
+        self.table.adopt.is_some()
     }
 }
 
@@ -479,7 +518,7 @@ impl PluginInstance {
         guest: u64,
         fds: &[ActivationFd<'_>],
         env: &[(String, String)],
-    ) -> Result<Option<i64>, PluginError> {
+    ) -> Result<Started, PluginError> {
         let listen: Vec<PwListenFd> = fds
             .iter()
             .map(|f| PwListenFd {
@@ -504,22 +543,54 @@ impl PluginInstance {
             env: env.as_ptr(),
             env_count: env.len(),
         };
-        let mut info = PwGuestInfo {
-            size: std::mem::size_of::<PwGuestInfo>(),
-            pid: 0,
-        };
+        let mut handle = vec![0u8; HANDLE_BUF_LEN];
+        let mut info = guest_info(&mut handle);
         let mut error = ErrorBuf::new();
         let activate = self.library.table().activate.expect("checked at load");
         // SAFETY: the instance is live, and every pointer is valid for the call: fds
-        // stay open (borrowed for the call), strings outlive it.
+        // stay open (borrowed for the call), strings and buffers outlive it.
         let status = unsafe { activate(self.instance, &activation, &mut info, &mut error.raw) };
         match status {
-            abi::PW_OK => Ok((info.pid > 0).then_some(info.pid)),
+            abi::PW_OK => Ok(Started::from_info(&info, &handle)),
             other => Err(call_error(
                 &self.library,
                 "activate",
                 status_message(other, &error),
             )),
+        }
+    }
+
+    /// Whether this plugin can adopt guests of an earlier daemon process.
+    pub fn can_adopt(&self) -> bool {
+        self.library.can_adopt()
+    }
+
+    /// Takes over a guest an earlier daemon process started (ABI 1.1).
+    pub fn adopt(&self, guest: u64, handle: &str) -> Result<Started, AdoptFailure> {
+        let Some(adopt) = self.library.table().adopt else {
+            return Err(AdoptFailure::Unsupported);
+        };
+        let mut buffer = vec![0u8; HANDLE_BUF_LEN];
+        let mut info = guest_info(&mut buffer);
+        let mut error = ErrorBuf::new();
+        // SAFETY: the instance is live and every pointer is valid for the call.
+        let status = unsafe {
+            adopt(
+                self.instance,
+                guest,
+                PwStr::borrow(handle),
+                &mut info,
+                &mut error.raw,
+            )
+        };
+        match status {
+            abi::PW_OK => Ok(Started::from_info(&info, &buffer)),
+            abi::PW_ERR_GONE => Err(AdoptFailure::Gone),
+            other => Err(AdoptFailure::Failed(call_error(
+                &self.library,
+                "adopt",
+                status_message(other, &error),
+            ))),
         }
     }
 
@@ -547,6 +618,53 @@ impl Drop for PluginInstance {
         let destroy = self.library.table().destroy.expect("checked at load");
         // SAFETY: the instance came from this library's `create` and is destroyed once.
         unsafe { destroy(self.instance) };
+    }
+}
+
+/// Room the host gives a plugin for a guest handle.
+const HANDLE_BUF_LEN: usize = 1024;
+
+/// What a plugin reports about a guest it started or adopted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Started {
+    /// The guest's host pid, if it has one.
+    pub pid: Option<i64>,
+    /// The plugin's handle for adopting the guest after a restart (ABI 1.1).
+    pub handle: Option<String>,
+}
+
+impl Started {
+    fn from_info(info: &PwGuestInfo, handle: &[u8]) -> Self {
+        let len = info.handle_len.min(handle.len());
+        Self {
+            pid: (info.pid > 0).then_some(info.pid),
+            handle: (len > 0).then(|| String::from_utf8_lossy(&handle[..len]).into_owned()),
+        }
+    }
+}
+
+/// Why `adopt` did not take a guest over.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptFailure {
+    /// The guest is gone.
+    #[error("the guest is gone")]
+    Gone,
+    /// The plugin cannot adopt (ABI 1.0, or it declines).
+    #[error("the plugin cannot adopt guests")]
+    Unsupported,
+    /// The call failed.
+    #[error(transparent)]
+    Failed(PluginError),
+}
+
+/// A guest-info record for a call, with `handle` as its handle buffer.
+fn guest_info(handle: &mut [u8]) -> PwGuestInfo {
+    PwGuestInfo {
+        size: std::mem::size_of::<PwGuestInfo>(),
+        pid: 0,
+        handle: handle.as_mut_ptr(),
+        handle_cap: handle.len(),
+        handle_len: 0,
     }
 }
 

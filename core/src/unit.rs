@@ -184,6 +184,8 @@ pub struct Unit {
     pub last_busy: Instant,
     /// Whether the last idle check saw an open connection.
     pub was_busy: bool,
+    /// The plugin's handle for the running guest, to adopt it after a restart.
+    pub guest_handle: Option<String>,
 }
 
 impl Unit {
@@ -204,6 +206,7 @@ impl Unit {
             stats: UnitStats::default(),
             last_busy: Instant::now(),
             was_busy: false,
+            guest_handle: None,
         }
     }
 

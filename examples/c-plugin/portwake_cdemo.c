@@ -578,6 +578,7 @@ static const PwPluginV1 ENTRY = {
     cdemo_activate,
     cdemo_stop,
     cdemo_destroy,
+    NULL, /* adopt (ABI 1.1): this plugin cannot take over guests after a restart */
 };
 
 __attribute__((visibility("default"))) const struct PwPluginV1 *portwake_plugin_entry(void) {

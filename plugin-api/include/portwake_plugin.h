@@ -39,7 +39,7 @@ const struct PwPluginV1 *portwake_plugin_entry(void);
 /*
  ABI minor version: the host refuses plugins newer than itself.
  */
-#define PW_ABI_MINOR 0
+#define PW_ABI_MINOR 1
 
 /*
  Log levels for `PwHostV1::log`, as in `tracing`.
@@ -301,6 +301,21 @@ typedef struct PwGuestInfo {
    Host pid of the guest's main process (or engine process), 0 if none.
    */
   int64_t pid;
+  /*
+   (ABI 1.1) Host-owned buffer for an opaque handle naming the guest, which the
+   host keeps across a restart of the daemon and passes back to `adopt`. The
+   plugin writes UTF-8 text into it and sets `handle_len`; null when the host
+   wants none. Only for the call.
+   */
+  uint8_t *handle;
+  /*
+   (ABI 1.1) Capacity of `handle` in bytes.
+   */
+  size_t handle_cap;
+  /*
+   (ABI 1.1) Bytes the plugin wrote into `handle`.
+   */
+  size_t handle_len;
 } PwGuestInfo;
 
 /*
@@ -334,6 +349,22 @@ typedef PwStatus (*PwStopFn)(void *instance,
  other call on the instance is running; host callbacks do nothing from then on.
  */
 typedef void (*PwDestroyFn)(void *instance);
+
+/*
+ (ABI 1.1) Takes over a guest started by an earlier daemon process (before a live
+ restart or a supervisor restart), named by the `handle` its `activate` wrote.
+
+ Return `PW_OK` when the guest still runs (fill `info` as in `activate`, and report
+ its stop through `guest_stopped` with the new `guest` id), `PW_ERR_GONE` when it
+ no longer exists, another status on failure. `handle`, `info` and `error` are
+ valid for the call only. Called on a worker thread before the guest's listeners
+ are served again; may block briefly.
+ */
+typedef PwStatus (*PwAdoptFn)(void *instance,
+                              uint64_t guest,
+                              struct PwStr handle,
+                              struct PwGuestInfo *info,
+                              struct PwErrorBuf *error);
 
 /*
  The plugin's entry table, returned by `portwake_plugin_entry`.
@@ -379,6 +410,10 @@ typedef struct PwPluginV1 {
    See [`PwDestroyFn`].
    */
   PwDestroyFn destroy;
+  /*
+   (ABI 1.1) See [`PwAdoptFn`]; may be null when the plugin cannot adopt guests.
+   */
+  PwAdoptFn adopt;
 } PwPluginV1;
 
 /*
@@ -405,6 +440,11 @@ typedef const struct PwPluginV1 *(*PwEntryFn)(void);
  The plugin panicked; the error buffer holds the panic message.
  */
 #define PW_ERR_PANIC 3
+
+/*
+ `adopt`: the guest named by the handle no longer exists.
+ */
+#define PW_ERR_GONE 5
 
 /*
  A pointer argument was null or a struct too small.

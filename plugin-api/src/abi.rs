@@ -17,7 +17,7 @@ use std::ffi::{c_char, c_int, c_void};
 /// ABI major version: the host refuses plugins of any other major.
 pub const ABI_MAJOR: u32 = 1;
 /// ABI minor version: the host refuses plugins newer than itself.
-pub const ABI_MINOR: u32 = 0;
+pub const ABI_MINOR: u32 = 1;
 /// The one symbol a plugin exports: `const PwPluginV1 *portwake_plugin_entry(void)`.
 pub const ENTRY_SYMBOL: &str = "portwake_plugin_entry";
 
@@ -32,6 +32,8 @@ pub const PW_ERR_OPTIONS: PwStatus = 1;
 pub const PW_ERR_FAILED: PwStatus = 2;
 /// The plugin panicked; the error buffer holds the panic message.
 pub const PW_ERR_PANIC: PwStatus = 3;
+/// `adopt`: the guest named by the handle no longer exists.
+pub const PW_ERR_GONE: PwStatus = 5;
 /// A pointer argument was null or a struct too small.
 pub const PW_ERR_INVALID: PwStatus = 4;
 
@@ -195,6 +197,15 @@ pub struct PwGuestInfo {
     pub size: usize,
     /// Host pid of the guest's main process (or engine process), 0 if none.
     pub pid: i64,
+    /// (ABI 1.1) Host-owned buffer for an opaque handle naming the guest, which the
+    /// host keeps across a restart of the daemon and passes back to `adopt`. The
+    /// plugin writes UTF-8 text into it and sets `handle_len`; null when the host
+    /// wants none. Only for the call.
+    pub handle: *mut u8,
+    /// (ABI 1.1) Capacity of `handle` in bytes.
+    pub handle_cap: usize,
+    /// (ABI 1.1) Bytes the plugin wrote into `handle`.
+    pub handle_len: usize,
 }
 
 /// Creates an instance from RON options text; writes the instance to `*instance`.
@@ -243,6 +254,24 @@ pub type PwStopFn = Option<
 /// other call on the instance is running; host callbacks do nothing from then on.
 pub type PwDestroyFn = Option<unsafe extern "C" fn(instance: *mut c_void)>;
 
+/// (ABI 1.1) Takes over a guest started by an earlier daemon process (before a live
+/// restart or a supervisor restart), named by the `handle` its `activate` wrote.
+///
+/// Return `PW_OK` when the guest still runs (fill `info` as in `activate`, and report
+/// its stop through `guest_stopped` with the new `guest` id), `PW_ERR_GONE` when it
+/// no longer exists, another status on failure. `handle`, `info` and `error` are
+/// valid for the call only. Called on a worker thread before the guest's listeners
+/// are served again; may block briefly.
+pub type PwAdoptFn = Option<
+    unsafe extern "C" fn(
+        instance: *mut c_void,
+        guest: u64,
+        handle: PwStr,
+        info: *mut PwGuestInfo,
+        error: *mut PwErrorBuf,
+    ) -> PwStatus,
+>;
+
 /// The plugin's entry table, returned by `portwake_plugin_entry`.
 ///
 /// Ownership: owned by the plugin, static and immutable for as long as the library is
@@ -269,6 +298,8 @@ pub struct PwPluginV1 {
     pub stop: PwStopFn,
     /// See [`PwDestroyFn`].
     pub destroy: PwDestroyFn,
+    /// (ABI 1.1) See [`PwAdoptFn`]; may be null when the plugin cannot adopt guests.
+    pub adopt: PwAdoptFn,
 }
 
 /// Signature of the exported entry symbol.

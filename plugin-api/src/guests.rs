@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::sdk::{Activation, GuestExit, GuestId, GuestInfo, Host, LogLevel};
+use crate::sdk::{Activation, AdoptError, GuestExit, GuestId, GuestInfo, Host, LogLevel};
 use crate::spawn::{GuestCommand, GuestProcess};
 
 /// A running guest process and the record of its exit, filled by its reaper thread.
@@ -54,17 +54,30 @@ impl ProcessGuests {
         command: &GuestCommand,
     ) -> Result<GuestInfo, String> {
         let process = command.spawn(&activation.fds).map_err(|e| e.to_string())?;
+        self.watch(activation.guest, process)
+    }
+
+    /// Takes over a guest process started by an earlier daemon, named by the handle
+    /// `start` returned; it is watched and stopped as if started here.
+    pub fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        match GuestProcess::from_handle(handle).map_err(AdoptError::Failed)? {
+            Some(process) => self.watch(guest, process).map_err(AdoptError::Failed),
+            None => Err(AdoptError::Gone),
+        }
+    }
+
+    fn watch(&self, id: GuestId, process: GuestProcess) -> Result<GuestInfo, String> {
         let guest = Arc::new(Guest {
             process,
             exit: Mutex::new(None),
             exited: Condvar::new(),
         });
-        self.lock().insert(activation.guest, Arc::clone(&guest));
+        self.lock().insert(id, Arc::clone(&guest));
         self.host.log(
             LogLevel::Debug,
-            &format!("spawned pid {} for guest {}", process.pid, activation.guest),
+            &format!("watching pid {} for guest {id}", process.pid),
         );
-        let (id, host, guests) = (activation.guest, self.host, Arc::clone(&self.guests));
+        let (host, guests) = (self.host, Arc::clone(&self.guests));
         std::thread::Builder::new()
             .name(format!("reap-{}", process.pid))
             .spawn(move || {
@@ -81,6 +94,7 @@ impl ProcessGuests {
             .map_err(|e| format!("spawning the reaper thread: {e}"))?;
         Ok(GuestInfo {
             pid: Some(i64::from(process.pid)),
+            handle: process.handle(),
         })
     }
 

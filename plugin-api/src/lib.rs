@@ -17,6 +17,7 @@ mod sys;
 
 pub use guests::ProcessGuests;
 pub use sdk::{
-    Activation, GuestExit, GuestId, GuestInfo, Host, ListenFd, LogLevel, Plugin, SocketKind,
+    Activation, AdoptError, GuestExit, GuestId, GuestInfo, Host, ListenFd, LogLevel, Plugin,
+    SocketKind,
 };
 pub use spawn::{GuestCommand, GuestProcess, SpawnError};

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::abi::{
     PwActivation, PwErrorBuf, PwGuestExit, PwGuestInfo, PwHostV1, PwStatus, PwStr, PW_ERR_FAILED,
-    PW_ERR_INVALID, PW_ERR_OPTIONS, PW_ERR_PANIC, PW_EXIT_EXITED, PW_EXIT_SIGNALED,
+    PW_ERR_GONE, PW_ERR_INVALID, PW_ERR_OPTIONS, PW_ERR_PANIC, PW_EXIT_EXITED, PW_EXIT_SIGNALED,
     PW_EXIT_UNKNOWN, PW_KIND_DATAGRAM, PW_KIND_SEQPACKET, PW_KIND_STREAM, PW_LOG_DEBUG,
     PW_LOG_ERROR, PW_LOG_INFO, PW_LOG_TRACE, PW_LOG_WARN, PW_OK,
 };
@@ -28,13 +28,33 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     fn activate(&self, activation: &Activation<'_>) -> Result<GuestInfo, String>;
     /// Stops the guest: politely, then by force after `timeout`. Returns when it is gone.
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String>;
+    /// (ABI 1.1) Takes over a guest an earlier daemon process started, named by the
+    /// `handle` that `activate` returned; from now on it is `guest`. The default
+    /// cannot: the daemon then stops such guests before it restarts itself.
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        let _ = (guest, handle);
+        Err(AdoptError::Unsupported)
+    }
+}
+
+/// Why `adopt` did not take a guest over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdoptError {
+    /// The guest no longer exists; the daemon listens for the next client.
+    Gone,
+    /// This plugin cannot adopt guests.
+    Unsupported,
+    /// Anything else.
+    Failed(String),
 }
 
 /// What `activate` reports about the started guest.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct GuestInfo {
     /// Host pid of the guest (or its engine process), if there is one.
     pub pid: Option<i64>,
+    /// (ABI 1.1) An opaque handle that lets a later daemon process `adopt` the guest.
+    pub handle: Option<String>,
 }
 
 /// Socket type of a listener, as systemd names them.
@@ -290,9 +310,61 @@ pub unsafe extern "C" fn activate<P: Plugin>(
             .activate(&activation)
             .map_err(|e| (PW_ERR_FAILED, e))?;
         // SAFETY: a non-null `info` is the host's record for this call.
-        if let Some(info) = unsafe { info.as_mut() } {
-            info.pid = started.pid.unwrap_or(0);
-        }
+        unsafe { fill_info(info, &started) };
+        Ok(())
+    })
+}
+
+/// Writes `from` into the host's `info`, within the size the host declared.
+///
+/// # Safety
+/// `info` is null or the host's valid record for this call, per the ABI.
+unsafe fn fill_info(info: *mut PwGuestInfo, from: &GuestInfo) {
+    // SAFETY: per this function's contract.
+    let Some(info) = (unsafe { info.as_mut() }) else {
+        return;
+    };
+    info.pid = from.pid.unwrap_or(0);
+    let handle_end = std::mem::offset_of!(PwGuestInfo, handle_len) + std::mem::size_of::<usize>();
+    if info.size < handle_end || info.handle.is_null() {
+        return;
+    }
+    let handle = from.handle.as_deref().unwrap_or("");
+    let mut buf = PwErrorBuf {
+        ptr: info.handle,
+        cap: info.handle_cap,
+        len: 0,
+    };
+    // SAFETY: the host's handle buffer is writable for `handle_cap` bytes.
+    unsafe { buf.write(handle) };
+    info.handle_len = buf.len;
+}
+
+/// `adopt` export (ABI 1.1). Used by [`export_plugin!`]; not for direct use.
+///
+/// # Safety
+/// Called by the host per the ABI contract with an instance made by [`create`].
+pub unsafe extern "C" fn adopt<P: Plugin>(
+    instance: *mut c_void,
+    guest: u64,
+    handle: PwStr,
+    info: *mut PwGuestInfo,
+    error: *mut PwErrorBuf,
+) -> PwStatus {
+    guarded(error, || {
+        // SAFETY: `instance` came from `create::<P>` and is not yet destroyed.
+        let plugin = unsafe { instance.cast::<P>().as_ref() }
+            .ok_or((PW_ERR_INVALID, "null instance".into()))?;
+        let handle = utf8(handle, "handle")?;
+        let adopted = plugin.adopt(guest, handle).map_err(|e| match e {
+            AdoptError::Gone => (PW_ERR_GONE, "the guest is gone".to_owned()),
+            AdoptError::Unsupported => {
+                (PW_ERR_FAILED, "this plugin cannot adopt guests".to_owned())
+            }
+            AdoptError::Failed(message) => (PW_ERR_FAILED, message),
+        })?;
+        // SAFETY: a non-null `info` is the host's record for this call.
+        unsafe { fill_info(info, &adopted) };
         Ok(())
     })
 }
@@ -392,6 +464,7 @@ macro_rules! export_plugin {
                 activate: Some($crate::sdk::activate::<$plugin>),
                 stop: Some($crate::sdk::stop::<$plugin>),
                 destroy: Some($crate::sdk::destroy::<$plugin>),
+                adopt: Some($crate::sdk::adopt::<$plugin>),
             });
 
         /// The plugin's one exported entry point.
@@ -432,7 +505,10 @@ mod tests {
             self.host.log(LogLevel::Info, "activating");
             self.host
                 .guest_stopped(activation.guest, GuestExit::Exited(3));
-            Ok(GuestInfo { pid: Some(42) })
+            Ok(GuestInfo {
+                pid: Some(42),
+                handle: Some("probe-handle".into()),
+            })
         }
         fn stop(&self, _guest: GuestId, _timeout: Duration) -> Result<(), String> {
             Err("cannot stop".into())
@@ -498,15 +574,37 @@ mod tests {
             env: env.as_ptr(),
             env_count: env.len(),
         };
+        let mut handle = [0u8; 8];
         let mut info = PwGuestInfo {
             size: std::mem::size_of::<PwGuestInfo>(),
             pid: 0,
+            handle: handle.as_mut_ptr(),
+            handle_cap: handle.len(),
+            handle_len: 0,
         };
         // SAFETY: a live instance and pointers valid for the call.
         let status = unsafe { activate::<Probe>(instance, &activation, &mut info, &mut error) };
         assert_eq!(
             (status, info.pid, STOPPED.load(Ordering::SeqCst)),
             (PW_OK, 42, 7)
+        );
+        // The handle is cut to the host's buffer, never past it.
+        assert_eq!(&handle[..info.handle_len], b"probe-ha");
+        // A plugin without `adopt` says so through the 1.1 export.
+        // SAFETY: a live instance and pointers valid for the call.
+        let status = unsafe {
+            adopt::<Probe>(
+                instance,
+                8,
+                PwStr::borrow("probe-handle"),
+                &mut info,
+                &mut error,
+            )
+        };
+        assert_eq!(status, PW_ERR_FAILED);
+        assert_eq!(
+            error_text(&bytes, &error),
+            "this plugin cannot adopt guests"
         );
         // SAFETY: as above.
         let status = unsafe { stop::<Probe>(instance, 7, 1000, &mut error) };

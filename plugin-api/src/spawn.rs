@@ -182,15 +182,46 @@ pub struct GuestProcess {
 }
 
 impl GuestProcess {
-    /// Blocks until the guest's main process exits, and reaps it.
+    /// Blocks until the guest's main process exits, and reaps it. A guest that is
+    /// not this process's child (adopted after a supervisor restart) is watched
+    /// through a pidfd; its exit status is then unknown.
     pub fn wait(&self) -> GuestExit {
         match sys::wait_pid(self.pid) {
             Ok(status) => match sys::decode_status(status) {
                 (true, code) => GuestExit::Exited(code),
                 (false, signal) => GuestExit::Signaled(signal),
             },
+            Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                let _ = sys::wait_exit_of(self.pid);
+                GuestExit::Unknown
+            }
             Err(_) => GuestExit::Unknown,
         }
+    }
+
+    /// A handle naming this process for `adopt`: its pid and kernel start time, so a
+    /// recycled pid is never mistaken for the guest.
+    pub fn handle(&self) -> Option<String> {
+        start_time(self.pid).map(|t| format!("pid={} start={t} group={}", self.pid, self.group))
+    }
+
+    /// The process a `handle` names, if it still runs; `None` if it is gone (or the
+    /// pid now belongs to another process).
+    pub fn from_handle(handle: &str) -> Result<Option<Self>, String> {
+        let field = |key: &str| {
+            handle
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .ok_or_else(|| format!("handle {handle:?} lacks {key}="))
+        };
+        let pid: i32 = field("pid")?
+            .parse()
+            .map_err(|_| format!("bad pid in {handle:?}"))?;
+        let start: u64 = field("start")?
+            .parse()
+            .map_err(|_| format!("bad start in {handle:?}"))?;
+        let group = field("group").map_or(true, |g| g == "true");
+        Ok((start_time(pid) == Some(start)).then_some(Self { pid, group }))
     }
 
     /// Sends `signal` to the guest (its whole process group when it has one);
@@ -216,4 +247,16 @@ impl GuestProcess {
         let _ = self.signal(libc::SIGKILL);
         exited(Duration::from_secs(5))
     }
+}
+
+/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22),
+/// `None` if it is gone or a zombie.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the command: state is field 3, starttime field 22.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }

@@ -330,3 +330,37 @@ pub(crate) fn kill_pid(pid: i32, signal: c_int) -> io::Result<bool> {
         Err(e)
     }
 }
+
+/// Blocks until process `pid` (not necessarily our child) has exited, using a pidfd.
+pub(crate) fn wait_exit_of(pid: i32) -> io::Result<()> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        // Already gone and reaped: nothing to wait for.
+        return if e.raw_os_error() == Some(libc::ESRCH) {
+            Ok(())
+        } else {
+            Err(e)
+        };
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: poll on one valid pollfd; a pidfd becomes readable when the process exits.
+        let r = unsafe { libc::poll(&mut poll, 1, -1) };
+        if r > 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if r < 0 && e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

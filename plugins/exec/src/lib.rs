@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use portwake_plugin_api::options::parse_options;
 use portwake_plugin_api::{
-    export_plugin, Activation, GuestCommand, GuestId, GuestInfo, Host, Plugin, ProcessGuests,
+    export_plugin, Activation, AdoptError, GuestCommand, GuestId, GuestInfo, Host, Plugin,
+    ProcessGuests,
 };
 use serde::Deserialize;
 
@@ -66,6 +67,10 @@ impl Plugin for ExecPlugin {
 
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
         self.guests.stop(guest, timeout)
+    }
+
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        self.guests.adopt(guest, handle)
     }
 }
 

@@ -302,7 +302,10 @@ impl Plugin for LibvirtPlugin {
             self.guests.remove(activation.guest);
             return Err(format!("spawning the watcher thread: {e}"));
         }
-        Ok(GuestInfo { pid: None })
+        Ok(GuestInfo {
+            pid: None,
+            handle: None,
+        })
     }
 
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {

@@ -318,6 +318,7 @@ impl Plugin for NspawnPlugin {
             })?;
         Ok(GuestInfo {
             pid: Some(i64::from(process.pid)),
+            handle: None,
         })
     }
 

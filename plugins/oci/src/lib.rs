@@ -302,6 +302,7 @@ impl Plugin for OciPlugin {
             })?;
         Ok(GuestInfo {
             pid: Some(i64::from(process.pid)),
+            handle: None,
         })
     }
 

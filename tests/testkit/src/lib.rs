@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use portwake_plugin_api::options::parse_options;
 use portwake_plugin_api::{
-    export_plugin, Activation, GuestCommand, GuestExit, GuestId, GuestInfo, Host, Plugin,
-    ProcessGuests,
+    export_plugin, Activation, AdoptError, GuestCommand, GuestExit, GuestId, GuestInfo, Host,
+    Plugin, ProcessGuests,
 };
 use serde::Deserialize;
 
@@ -101,6 +101,11 @@ impl Plugin for Testkit {
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
         self.dials("stop")?;
         self.guests.stop(guest, timeout)
+    }
+
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        self.dials("adopt").map_err(AdoptError::Failed)?;
+        self.guests.adopt(guest, handle)
     }
 }
 

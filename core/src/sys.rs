@@ -1,0 +1,30 @@
+//! The daemon's own raw syscalls, fenced here.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Places `fds` at 3, 4, … without CLOEXEC, for the image about to be exec'd;
+/// every other fd keeps its CLOEXEC and closes at exec. Whatever occupied 3, 4, …
+/// is replaced, so call this only right before `execve`.
+pub fn place_fds_for_exec(fds: &[RawFd]) -> io::Result<()> {
+    let count = RawFd::try_from(fds.len()).map_err(|_| io::Error::other("too many fds"))?;
+    let first_free = 3 + count;
+    let mut lifted = Vec::with_capacity(fds.len());
+    // Lift every source above the target range first, so no dup2 below can
+    // overwrite a source still to be moved.
+    for &fd in fds {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an fd we own returns a new fd or -1.
+        let high = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free) };
+        if high < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lifted.push(high);
+    }
+    for (target, high) in (3..).zip(lifted) {
+        // SAFETY: dup2 between fds of this process; the new fd has CLOEXEC clear.
+        if unsafe { libc::dup2(high, target) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
