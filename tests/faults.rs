@@ -491,3 +491,34 @@ fn out_of_fds_the_daemon_backs_off_without_spinning_and_recovers() {
         .count("guest started unit=starved")
         == 1));
 }
+
+#[test]
+fn a_guest_that_shuts_the_listener_down_does_not_break_the_unit() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("shut");
+    let daemon = Daemon::start(&format!(
+        r#"(units: [(name: "shut", plugin: "exec",
+            options: (command: ["{}", "--shutdown-listeners-once", "{}"]),
+            listen: [Stream(address: "127.0.0.1:{port}")])])"#,
+        guest(),
+        marker.display()
+    ))
+    .unwrap();
+    // The first guest shuts the shared listener down and exits: this client is reset.
+    let _ = http_get(local(port), "/");
+    assert!(
+        daemon.wait_log("the listener had stopped listening", Duration::from_secs(5)),
+        "{}",
+        daemon.log()
+    );
+    // The daemon listens again; the next client is served by a well-behaved guest.
+    let answer = http_get(local(port), "/").unwrap_or_else(|e| panic!("{e}\n{}", daemon.log()));
+    assert!(answer.starts_with("hello from shut"), "{answer}");
+    assert_eq!(
+        daemon.count("starting guest unit=shut"),
+        2,
+        "{}",
+        daemon.log()
+    );
+}

@@ -515,7 +515,17 @@ impl Daemon {
                 .is_some_and(|x| x.state == State::Listening)
         {
             let unit = self.unit(u);
-            debug!(unit = %unit.config.name, listener = %unit.listeners[l].config.describe(), "client waiting");
+            let listener = &unit.listeners[l];
+            if !listener.socket.is_listening() {
+                // Readable because it no longer listens (shut down behind our back):
+                // starting a guest would not help; listening again does.
+                warn!(unit = %unit.config.name, listener = %listener.config.describe(), "the listener had stopped listening; listening again");
+                if let Err(e) = listener.socket.restore(&listener.config) {
+                    error!(unit = %unit.config.name, error = %e, "cannot restore the listener");
+                }
+                return;
+            }
+            debug!(unit = %unit.config.name, listener = %listener.config.describe(), "client waiting");
             self.start(u, Instant::now(), true);
         }
     }
@@ -827,8 +837,14 @@ impl Daemon {
     fn listen_again(&mut self, u: usize) {
         let unit = self.unit_mut(u);
         for l in &unit.listeners {
-            if let Err(e) = l.socket.reset_flags() {
-                warn!(unit = %unit.config.name, listener = %l.config.describe(), error = %e, "cannot reset socket flags");
+            match l.socket.restore(&l.config) {
+                Ok(false) => {}
+                Ok(true) => {
+                    warn!(unit = %unit.config.name, listener = %l.config.describe(), "the listener had stopped listening (a guest shut it down); listening again")
+                }
+                Err(e) => {
+                    error!(unit = %unit.config.name, error = %e, "cannot restore the listener")
+                }
             }
         }
         unit.set_state(State::Listening);

@@ -28,10 +28,33 @@ impl BoundSocket {
         self.socket.as_fd()
     }
 
-    /// Puts the socket back into blocking mode, as a guest expects it; a guest may
-    /// have changed O_NONBLOCK on the shared file description.
-    pub fn reset_flags(&self) -> io::Result<()> {
-        set_blocking(self.socket.as_fd())
+    /// Puts the socket back as the next guest expects it: in blocking mode (a guest
+    /// may have changed O_NONBLOCK on the shared file description), and listening
+    /// (a guest's `shutdown(2)` ends listening for every holder of the socket).
+    /// Returns whether it had to listen again.
+    pub fn restore(&self, config: &ListenerConfig) -> Result<bool, ListenError> {
+        let os = |step: &'static str| {
+            move |source: io::Error| ListenError::Os {
+                listener: config.describe(),
+                step,
+                source,
+            }
+        };
+        set_blocking(self.socket.as_fd()).map_err(os("resetting O_NONBLOCK"))?;
+        if self.is_listening() {
+            return Ok(false);
+        }
+        self.adjust(config)?;
+        Ok(true)
+    }
+
+    /// Whether a stream or packet socket still listens (datagram sockets always do).
+    pub fn is_listening(&self) -> bool {
+        let socket = socket2::SockRef::from(&self.socket);
+        match socket.r#type() {
+            Ok(t) if t == Type::DGRAM => true,
+            _ => socket.is_listener().unwrap_or(true),
+        }
     }
 }
 

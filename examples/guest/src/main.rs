@@ -8,7 +8,9 @@
 //! `--exit-after N` exit after N answers; `--exit-immediately` exit at once (status 3);
 //! `--require FILE` exit 1 at start unless FILE exists (a broken guest, fixable);
 //! `--record-starts FILE` append `pid` to FILE at each start;
-//! `--say WORD` answer `WORD from <fd name>` instead of `hello from …`.
+//! `--say WORD` answer `WORD from <fd name>` instead of `hello from …`;
+//! `--shutdown-listeners-once FILE` the first time (FILE absent), `shutdown(2)` every
+//! listener and exit, as a buggy guest might.
 //!
 //! A request starting with `hold` is answered `holding` and the connection then
 //! stays open until the client closes it (an idle but open connection).
@@ -32,6 +34,7 @@ struct Flags {
     require: Option<String>,
     record_starts: Option<String>,
     say: Option<String>,
+    shutdown_once: Option<String>,
 }
 
 /// What this process was handed, reported by `/info`.
@@ -99,6 +102,18 @@ fn main() {
         eprintln!("hello-guest: no listening fds (LISTEN_FDS/LISTEN_PID not for me)");
         std::process::exit(2);
     }
+    if let Some(marker) = &flags.shutdown_once {
+        // Misbehave once: shut the shared listeners down (which stops them listening
+        // for every holder) and exit, as a buggy guest might.
+        if !std::path::Path::new(marker).exists() {
+            let _ = std::fs::write(marker, "done");
+            for (fd, _, _, _) in &report.sockets {
+                // SAFETY: shutdown on an fd handed to this process.
+                unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+            }
+            std::process::exit(0);
+        }
+    }
     std::thread::sleep(flags.startup_delay);
     let answered = Arc::new(AtomicU64::new(0));
     let exit_after = flags.exit_after;
@@ -143,6 +158,7 @@ fn parse_flags() -> Flags {
             "--require" => flags.require = Some(value()),
             "--record-starts" => flags.record_starts = Some(value()),
             "--say" => flags.say = Some(value()),
+            "--shutdown-listeners-once" => flags.shutdown_once = Some(value()),
             other => die(&format!("unknown flag {other}")),
         }
     }
