@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// A parsed listen address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum ListenAddress {
-    /// `IP:PORT` or `[IPv6]:PORT` (a scope may be given as `%ifname` or `%index`).
+    /// `IP:PORT` or `[IPv6]:PORT` (a scope as systemd writes it, `[IPv6]:PORT%ifname`,
+    /// or as `[IPv6%ifname]:PORT`; an index works in place of the name).
     Inet(SocketAddr),
     /// A bare `PORT`: `[::]:PORT`, dual-stack unless told otherwise, as systemd parses it.
     Port(u16),
@@ -105,10 +106,14 @@ impl ListenAddress {
     }
 }
 
-/// `[addr%scope]:port` → (`addr:port` pieces, scope).
+/// `[addr]:port%scope` (systemd's spelling) or `[addr%scope]:port` → (address and
+/// port, scope).
 fn scoped_v6(value: &str) -> Option<((&str, &str), &str)> {
     let inner = value.strip_prefix('[')?;
     let (inside, port) = inner.split_once("]:")?;
+    if let Some((port, scope)) = port.split_once('%') {
+        return Some(((inside, port), scope));
+    }
     let (addr, scope) = inside.split_once('%')?;
     Some(((addr, port), scope))
 }
@@ -136,7 +141,7 @@ impl fmt::Display for ListenAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Inet(SocketAddr::V6(a)) if a.scope_id() != 0 => {
-                write!(f, "[{}%{}]:{}", a.ip(), a.scope_id(), a.port())
+                write!(f, "[{}]:{}%{}", a.ip(), a.port(), a.scope_id())
             }
             Self::Inet(a) => write!(f, "{a}"),
             Self::Port(p) => write!(f, "[::]:{p}"),
@@ -167,11 +172,11 @@ mod tests {
         );
         assert_eq!(
             ListenAddress::parse("[fe80::1%1]:80").unwrap().to_string(),
-            "[fe80::1%1]:80"
+            "[fe80::1]:80%1"
         );
         assert_eq!(
-            ListenAddress::parse("[fe80::1%lo]:80").unwrap().to_string(),
-            "[fe80::1%1]:80"
+            ListenAddress::parse("[fe80::1]:80%lo").unwrap().to_string(),
+            "[fe80::1]:80%1"
         );
         assert_eq!(
             ListenAddress::parse("/run/x.sock"),
