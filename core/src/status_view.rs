@@ -21,9 +21,9 @@ pub fn render(reply: &serde_json::Value) -> String {
             "{:<20} {:<10} {:>7}s {:>8} {:>11} {failure}",
             unit["name"].as_str().unwrap_or("?"),
             unit["state"].as_str().unwrap_or("?"),
-            unit["for_secs"],
+            unit["for_secs"].as_u64().unwrap_or(0),
             pid,
-            unit["activations"],
+            unit["activations"].as_u64().unwrap_or(0),
         );
         for l in unit["listeners"].as_array().unwrap_or(&empty) {
             let queued = l["queued"]
