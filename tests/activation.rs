@@ -6,7 +6,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
 
-use portwake_tests::{free_port, guest, info, int, udp_info, unix_info, Daemon};
+use portwake_tests::{free_port, guest, info, int, sockets, udp_info, unix_info, Daemon};
 
 #[test]
 fn first_tcp_connection_is_served_by_a_fresh_guest_with_its_fds_in_order() {
@@ -44,18 +44,7 @@ fn first_tcp_connection_is_served_by_a_fresh_guest_with_its_fds_in_order() {
         "names in config order; default = unit name"
     );
     assert_eq!(report["served_fd"], 4, "the second listener is fd 4");
-    let sockets: Vec<(i64, String, String)> = report["sockets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                int(&s["fd"]),
-                s["type"].as_str().unwrap().to_owned(),
-                s["address"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let sockets = sockets(&report);
     assert_eq!(
         sockets,
         [

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use portwake_tests::{free_port, guest, info, int, portwake, root, Daemon};
+use portwake_tests::{free_port, guest, info, portwake, root, sockets, Daemon};
 
 fn fixture(name: &str) -> PathBuf {
     root().join("tests/fixtures/guests").join(name)
@@ -204,18 +204,7 @@ fn fds_arrive_in_guest_unit_order_with_guest_unit_names() {
         report["listen_fdnames"],
         "admin:b-web.socket:b-web.socket:api-explicit"
     );
-    let sockets: Vec<(i64, String, String)> = report["sockets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                int(&s["fd"]),
-                s["type"].as_str().unwrap().to_owned(),
-                s["address"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let sockets = sockets(&report);
     assert_eq!(
         sockets,
         [

@@ -8,7 +8,9 @@ use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use portwake_tests::{alive, free_port, guest, http_get, info, int, portwake, wait_until, Daemon};
+use portwake_tests::{
+    alive, free_port, guest, http_get, info, int, portwake, wait_until, Daemon, Hammer,
+};
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
@@ -251,35 +253,13 @@ fn clients_hammering_through_reloads_are_never_refused() {
         )
     };
     let daemon = Daemon::start(&config("a")).unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hammer = {
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let (mut served, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match http_get(local(port), "/") {
-                    Ok(body) if body.contains(" from busy") => served += 1,
-                    other => failed.push(format!("{other:?}")),
-                }
-            }
-            (served, failed)
-        })
-    };
+    let hammer = Hammer::start(local(port), " from busy");
     for round in 0..10 {
         daemon.write_config(&config(if round % 2 == 0 { "b" } else { "a" }));
         assert_eq!(daemon.ctl(&["reload"]).0, 0);
         std::thread::sleep(Duration::from_millis(100));
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (served, failed) = hammer.join().unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        served as usize + failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(served > 50, "only {served} requests served");
+    let served = hammer.finish(50);
     eprintln!("MEASURED reload hammer: {served} requests, 0 refused, 0 lost across 10 reloads");
 }
 
@@ -529,20 +509,7 @@ fn a_live_restart_keeps_listeners_and_adopts_the_running_guest_without_refusing_
     let before = info(local(port)).unwrap();
     let guest_pid = int(&before["pid"]);
     let instance = daemon.status()["instance"].clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let hammer = {
-        let stop = std::sync::Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let (mut served, mut failed) = (0u32, Vec::new());
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                match http_get(local(port), "/") {
-                    Ok(body) if body.starts_with("hello from busy") => served += 1,
-                    other => failed.push(format!("{:?}", other.map_err(|e| e.to_string()))),
-                }
-            }
-            (served, failed)
-        })
-    };
+    let hammer = Hammer::start(local(port), "hello from busy");
     std::thread::sleep(Duration::from_millis(200));
     for round in 0..3 {
         let (code, out) = daemon.ctl(&["restart"]);
@@ -551,16 +518,7 @@ fn a_live_restart_keeps_listeners_and_adopts_the_running_guest_without_refusing_
         eprintln!("MEASURED live restart round {round}: {}", out.trim());
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (served, failed) = hammer.join().unwrap();
-    assert!(
-        failed.is_empty(),
-        "{} failed of {}: {:?}",
-        failed.len(),
-        served as usize + failed.len(),
-        &failed[..failed.len().min(3)]
-    );
-    assert!(served > 50, "only {served} served");
+    let served = hammer.finish(50);
     eprintln!(
         "MEASURED live restart hammer: {served} requests, 0 refused, 0 lost across 3 restarts"
     );

@@ -228,9 +228,9 @@ impl GuestProcess {
     /// `false` when nothing was left to signal.
     pub fn signal(&self, signal: i32) -> std::io::Result<bool> {
         if self.group {
-            sys::kill_group(self.pid, signal)
+            sys::kill(-self.pid, signal)
         } else {
-            sys::kill_pid(self.pid, signal)
+            sys::kill(self.pid, signal)
         }
     }
 

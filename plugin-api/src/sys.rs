@@ -303,24 +303,11 @@ pub(crate) fn decode_status(status: c_int) -> (bool, i32) {
     }
 }
 
-/// Sends `signal` to the process group `pgid`; `Ok(false)` if no such group remains.
-pub(crate) fn kill_group(pgid: i32, signal: c_int) -> io::Result<bool> {
+/// Sends `signal` to `target` as kill(2) reads it (a pid, or a negated process-group
+/// id); `Ok(false)` if nothing by that id remains.
+pub(crate) fn kill(target: i32, signal: c_int) -> io::Result<bool> {
     // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { libc::kill(-pgid, signal) } == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-/// Sends `signal` to the process `pid`; `Ok(false)` if it is gone.
-pub(crate) fn kill_pid(pid: i32, signal: c_int) -> io::Result<bool> {
-    // SAFETY: kill has no memory-safety preconditions.
-    if unsafe { libc::kill(pid, signal) } == 0 {
+    if unsafe { libc::kill(target, signal) } == 0 {
         return Ok(true);
     }
     let e = io::Error::last_os_error();

@@ -452,3 +452,59 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     let field = |n: usize| fields.get(n - 3).and_then(|v| v.parse::<u64>().ok());
     field(14).unwrap_or(0) + field(15).unwrap_or(0)
 }
+
+/// The guest report's listeners as (fd, type, address), for exact comparisons.
+pub fn sockets(report: &serde_json::Value) -> Vec<(i64, String, String)> {
+    report["sockets"]
+        .as_array()
+        .expect("a guest report lists its sockets")
+        .iter()
+        .map(|s| {
+            let text = |key: &str| s[key].as_str().unwrap_or_default().to_owned();
+            (int(&s["fd"]), text("type"), text("address"))
+        })
+        .collect()
+}
+
+/// Clients sending requests to a TCP port in a loop, counting answers that contain
+/// `expect` and keeping every failure, until stopped.
+#[derive(Debug)]
+pub struct Hammer {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u32, Vec<String>)>,
+}
+
+impl Hammer {
+    /// Starts hammering `addr`.
+    pub fn start(addr: SocketAddr, expect: &'static str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let (mut served, mut failed) = (0u32, Vec::new());
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                match http_get(addr, "/") {
+                    Ok(body) if body.contains(expect) => served += 1,
+                    other => failed.push(format!("{:?}", other.map_err(|e| e.to_string()))),
+                }
+            }
+            (served, failed)
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops; asserts that nothing failed and that more than `at_least` were served.
+    /// Returns how many were served.
+    pub fn finish(self, at_least: u32) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (served, failed) = self.thread.join().expect("the hammer thread");
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            served as usize + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(served > at_least, "only {served} requests served");
+        served
+    }
+}
