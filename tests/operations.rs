@@ -202,7 +202,7 @@ fn reload_applies_the_difference_and_keeps_a_bad_config_out() {
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out.trim(),
-        "reloaded: 1 added, 1 removed, 0 applied now, 1 at their guest's next stop"
+        "reloaded: 1 added, 1 removed, 0 changed now, 1 at their guest's next stop, 0 unchanged"
     );
     assert!(
         wait_until(Duration::from_secs(5), || TcpStream::connect(local(

@@ -1262,14 +1262,15 @@ impl Daemon {
             .filter(|(_, u)| !keep.contains(u.config.name.as_str()))
             .map(|(i, _)| i)
             .collect();
-        let (mut added, mut changed, mut deferred) = (0, 0, 0);
+        let (mut added, mut changed, mut deferred, mut unchanged) = (0, 0, 0, 0);
         // Deregister first, so a socket moving between units is never registered twice.
         for &u in &removed {
             self.deregister(u);
         }
         for p in &prepared {
             if let Some(&u) = self.by_name.get(&p.config.name) {
-                if !self.unit(u).has_guest() {
+                let unit = self.unit(u);
+                if !unit.has_guest() && !unit.is_same(p) {
                     self.deregister(u);
                 }
             }
@@ -1287,6 +1288,11 @@ impl Daemon {
         }
         for p in prepared {
             match self.by_name.get(&p.config.name).copied() {
+                Some(u) if self.unit(u).is_same(&p) => {
+                    // Drops a change an earlier reload left pending, if this one undid it.
+                    self.unit_mut(u).pending = None;
+                    unchanged += 1;
+                }
                 None => {
                     for l in &p.listeners {
                         supervisor::store(&p.config.name, &l.config, &l.socket);
@@ -1311,7 +1317,7 @@ impl Daemon {
             }
         }
         Ok(format!(
-            "{added} added, {} removed, {changed} applied now, {deferred} at their guest's next stop",
+            "{added} added, {} removed, {changed} changed now, {deferred} at their guest's next stop, {unchanged} unchanged",
             removed.len()
         ))
     }

@@ -223,6 +223,24 @@ impl Unit {
         self.state.guest().is_some()
     }
 
+    /// Whether a reload's version of this unit is what runs already: same config
+    /// (where in the file it stands aside), plugin instance and sockets.
+    pub fn is_same(&self, prepared: &Prepared) -> bool {
+        let unplaced = |c: &UnitConfig| {
+            let mut c = c.clone();
+            c.listen.iter_mut().for_each(|l| l.position = None);
+            c
+        };
+        Arc::ptr_eq(&self.plugin, &prepared.plugin)
+            && self.listeners.len() == prepared.listeners.len()
+            && self
+                .listeners
+                .iter()
+                .zip(&prepared.listeners)
+                .all(|(a, b)| Arc::ptr_eq(&a.socket, &b.socket))
+            && unplaced(&self.config) == unplaced(&prepared.config)
+    }
+
     /// Takes a reloaded version in (while no guest runs).
     pub fn switch_to(&mut self, prepared: Prepared) {
         if prepared.config.trigger_limit != self.config.trigger_limit
