@@ -554,3 +554,30 @@ fn a_live_restart_keeps_listeners_and_adopts_the_running_guest_without_refusing_
         "a new guest after the stop"
     );
 }
+
+#[test]
+fn json_logs_carry_the_unit_as_a_field() {
+    let port = free_port();
+    let mut daemon =
+        Daemon::start_with(&format!("(units: [{}])", one_unit("js", port, "")), |cmd| {
+            cmd.args(["--log-format", "json"]);
+        })
+        .unwrap();
+    assert!(http_get(local(port), "/")
+        .unwrap()
+        .starts_with("hello from js"));
+    assert!(daemon.wait_log("guest started", Duration::from_secs(5)));
+    daemon.terminate(Duration::from_secs(10)).unwrap();
+    let events: Vec<serde_json::Value> = daemon
+        .log()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let started = events
+        .iter()
+        .find(|e| e["fields"]["message"] == "guest started")
+        .expect("a guest started event");
+    assert_eq!(started["fields"]["unit"], "js");
+    assert_eq!(started["level"], "INFO");
+    assert!(started["fields"]["pid"].as_i64().unwrap() > 0);
+}
