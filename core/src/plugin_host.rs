@@ -222,10 +222,15 @@ impl PluginLibrary {
                 tracing::warn!(plugin = %path.display(), %reason, "loading an untrusted plugin because allow_untrusted_plugins is set");
             }
         }
+        // RTLD_NODELETE: a plugin stays mapped until the process ends, because its
+        // own threads (reapers, watchers) may still run its code after `destroy`;
+        // unmapping it under them would crash the daemon.
+        let flags = libc::RTLD_NOW | libc::RTLD_LOCAL | libc::RTLD_NODELETE;
         // SAFETY: loading a library runs its initialisers; plugins are trusted code
-        // the admin configured, which is the premise of a plugin system.
-        let library =
-            unsafe { libloading::Library::new(path) }.map_err(|source| PluginError::Load {
+        // the admin configured (and trust-checked above), the premise of a plugin system.
+        let library = unsafe { libloading::os::unix::Library::open(Some(path), flags) }
+            .map(libloading::Library::from)
+            .map_err(|source| PluginError::Load {
                 path: path.to_owned(),
                 source,
             })?;
