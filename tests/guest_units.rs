@@ -179,13 +179,19 @@ fn fds_arrive_in_guest_unit_order_with_guest_unit_names() {
         "b-web.socket",
         &format!("ListenStream=127.0.0.1:{web}\nListenDatagram=127.0.0.1:{web}\n"),
     );
+    // The guest's own sockets (as every systemd guest has) need no host listener.
+    guest_unit(
+        guest_root.path(),
+        "systemd-journald.socket",
+        "ListenStream=/run/systemd/journal/stdout\nListenDatagram=/run/systemd/journal/socket\n",
+    );
     guest_unit(
         guest_root.path(),
         "c-api.socket",
         &format!("ListenStream={}\n", sock.display()),
     );
     // The host lists them in another order; one listener names itself.
-    let _daemon = Daemon::start(&format!(
+    let daemon = Daemon::start(&format!(
         r#"(units: [(name: "ordered", plugin: "exec", options: (command: ["{guest}"]),
             guest_units: "{root}",
             listen: [
@@ -199,6 +205,11 @@ fn fds_arrive_in_guest_unit_order_with_guest_unit_names() {
         sock = sock.display(),
     ))
     .unwrap();
+    assert!(
+        daemon.log().contains("2 guest unix socket(s) have no host listener; the guest binds them itself: systemd-journald.socket /run/systemd/journal/stdout, systemd-journald.socket /run/systemd/journal/socket"),
+        "{}",
+        daemon.log()
+    );
     let report = info(SocketAddr::from(([127, 0, 0, 1], web))).unwrap();
     assert_eq!(
         report["listen_fdnames"],

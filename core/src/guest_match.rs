@@ -127,8 +127,14 @@ impl Matcher<'_> {
                 }
             }
         }
-        for (l, (_, line)) in lines.iter().enumerate() {
+        let mut guest_own = Vec::new();
+        for (l, (unit, line)) in lines.iter().enumerate() {
             match claims[l].as_slice() {
+                // A guest's own unix sockets (journald's, D-Bus's, …) are bound by the
+                // guest itself: no host client waits on them, so no mismatch can hang one.
+                [] if !near_missed[l] && matches!(line.address, GuestAddress::Unix(_) | GuestAddress::Abstract(_)) => {
+                    guest_own.push(format!("{} {}", unit.name, line.value));
+                }
                 [] if !near_missed[l] => plan.problems.push(format!(
                     "{}: unit {:?}: guest {} {}={} parses to {} and no host listener matches it: add {}(address: {:?}) to listen",
                     self.config_path.display(),
@@ -154,6 +160,14 @@ impl Matcher<'_> {
         plan.order
             .extend((0..listen.len()).filter(|i| !claims.iter().any(|c| c.first() == Some(i))));
         plan.notes = self.notes();
+        if !guest_own.is_empty() {
+            plan.notes.push(format!(
+                "unit {:?}: {} guest unix socket(s) have no host listener; the guest binds them itself: {}",
+                self.unit.name,
+                guest_own.len(),
+                guest_own.join(", ")
+            ));
+        }
         plan
     }
 

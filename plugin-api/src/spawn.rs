@@ -1,11 +1,16 @@
 //! Starting a guest process the way systemd starts a socket-activated service:
 //! exactly the given listeners at fd 3, 4, …, `LISTEN_FDS`, `LISTEN_FDNAMES`, and
 //! `LISTEN_PID` equal to the child's own pid; every other fd of the daemon closed.
+//! Standard input is `/dev/null`; standard output and error are the daemon's,
+//! unless [`GuestCommand::stdout_to`] / [`GuestCommand::stderr_to`] name an fd
+//! (a pipe the plugin reads, to report an engine command's error message).
 
 use std::ffi::{CString, OsStr, OsString};
 use std::fmt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sdk::{GuestExit, ListenFd};
@@ -63,6 +68,8 @@ pub struct GuestCommand {
     env: Vec<(OsString, OsString)>,
     working_dir: Option<PathBuf>,
     new_session: bool,
+    stdout: Option<Arc<OwnedFd>>,
+    stderr: Option<Arc<OwnedFd>>,
 }
 
 impl GuestCommand {
@@ -73,7 +80,27 @@ impl GuestCommand {
             env: Vec::new(),
             working_dir: None,
             new_session: true,
+            stdout: None,
+            stderr: None,
         }
+    }
+
+    /// Gives the guest `fd` as its standard output instead of the daemon's, e.g.
+    /// the write end of a pipe the plugin reads (create it close-on-exec, as
+    /// `pipe2(O_CLOEXEC)` does; the child gets its own copy at fd 1). The command
+    /// keeps `fd` open until it is dropped: drop it (and every clone) after
+    /// `spawn`, or the plugin's reader never sees end-of-file.
+    pub fn stdout_to(&mut self, fd: impl Into<OwnedFd>) -> &mut Self {
+        self.stdout = Some(Arc::new(fd.into()));
+        self
+    }
+
+    /// As [`stdout_to`](Self::stdout_to), for standard error (fd 2): how a plugin
+    /// captures an engine command's error message (`virsh start`, …) to report it.
+    /// Both may be the same pipe (pass a `try_clone` of it).
+    pub fn stderr_to(&mut self, fd: impl Into<OwnedFd>) -> &mut Self {
+        self.stderr = Some(Arc::new(fd.into()));
+        self
     }
 
     /// Sets a variable on top of the inherited environment.
@@ -134,6 +161,10 @@ impl GuestCommand {
             .transpose()?;
         let borrowed: Vec<_> = fds.iter().map(|f| f.fd).collect();
         let mut plan = sys::ExecPlan::new(c_path, args, env, cwd, &borrowed, self.new_session);
+        plan.redirect(
+            self.stdout.as_deref().map(AsFd::as_fd),
+            self.stderr.as_deref().map(AsFd::as_fd),
+        );
         let pid = sys::fork_exec(&mut plan).map_err(|(step, source)| SpawnError::Os {
             program: path.clone(),
             step: if step == 0 {
@@ -259,4 +290,41 @@ fn start_time(pid: i32) -> Option<u64> {
         return None;
     }
     fields.get(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn read_all(fd: OwnedFd) -> String {
+        let mut text = String::new();
+        std::fs::File::from(fd)
+            .read_to_string(&mut text)
+            .expect("read pipe");
+        text
+    }
+
+    #[test]
+    fn stdout_and_stderr_go_to_the_given_fds() {
+        let (out_r, out_w) = sys::pipe_cloexec().expect("pipe");
+        let (err_r, err_w) = sys::pipe_cloexec().expect("pipe");
+        let mut command = GuestCommand::new([
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2; ls /proc/self/fd >&2",
+        ]);
+        command.stdout_to(out_w).stderr_to(err_w);
+        let process = command.spawn(&[]).expect("spawn");
+        // The command holds the write ends: drop it, or the reads never end.
+        drop(command);
+        let (out, err) = (read_all(out_r), read_all(err_r));
+        assert!(matches!(process.wait(), GuestExit::Exited(0)));
+        assert_eq!(out, "out\n");
+        let mut lines = err.lines();
+        assert_eq!(lines.next(), Some("err"));
+        // Only 0, 1, 2 and ls's own directory fd: no pipe end leaked as an extra fd.
+        let fds: Vec<&str> = lines.collect();
+        assert_eq!(fds, ["0", "1", "2", "3"], "{err}");
+    }
 }

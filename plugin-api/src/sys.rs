@@ -30,6 +30,9 @@ pub(crate) struct ExecPlan {
     dev_null: CString,
     fds: Vec<RawFd>,
     new_session: bool,
+    /// Sources for the child's fd 1 and 2 (`None`: inherited from the daemon).
+    stdout: Option<RawFd>,
+    stderr: Option<RawFd>,
 }
 
 // SAFETY: the raw pointers point into buffers owned by the plan itself (`_args`,
@@ -70,7 +73,20 @@ impl ExecPlan {
             dev_null: c"/dev/null".to_owned(),
             fds: fds.iter().map(AsRawFd::as_raw_fd).collect(),
             new_session,
+            stdout: None,
+            stderr: None,
         }
+    }
+
+    /// Makes `stdout` / `stderr` the child's fd 1 / 2. The fds must stay open until
+    /// `fork_exec` returns.
+    pub(crate) fn redirect(
+        &mut self,
+        stdout: Option<BorrowedFd<'_>>,
+        stderr: Option<BorrowedFd<'_>>,
+    ) {
+        self.stdout = stdout.map(|fd| fd.as_raw_fd());
+        self.stderr = stderr.map(|fd| fd.as_raw_fd());
     }
 }
 
@@ -83,6 +99,7 @@ pub(crate) enum ChildStep {
     Fds = 3,
     Chdir = 4,
     Exec = 5,
+    Stdio = 6,
 }
 
 impl ChildStep {
@@ -92,6 +109,7 @@ impl ChildStep {
             2 => "opening /dev/null for stdin",
             3 => "placing the listening fds",
             4 => "changing directory",
+            6 => "redirecting stdout/stderr",
             _ => "exec",
         }
     }
@@ -143,6 +161,21 @@ unsafe fn child_after_fork(plan: &ExecPlan, listen_pid: *mut u8, err_fd: c_int) 
                 break 'fail ChildStep::Session;
             }
             reset_signals();
+            // stdout/stderr first: their sources are the plugin's fds (>= 3 in a
+            // daemon whose 0-2 are open), which the steps below do not touch
+            // before the listeners are lifted above 3 + n.
+            for (source, target) in [(plan.stdout, 1), (plan.stderr, 2)] {
+                let Some(source) = source else { continue };
+                let done = if source == target {
+                    // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
+                    libc::fcntl(source, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(source, target)
+                };
+                if done < 0 {
+                    break 'fail ChildStep::Stdio;
+                }
+            }
             let null = libc::open(plan.dev_null.as_ptr(), libc::O_RDONLY);
             if null < 0 || libc::dup2(null, 0) < 0 {
                 break 'fail ChildStep::Stdin;
@@ -249,7 +282,7 @@ unsafe fn write_pid(out: *mut u8, pid: libc::pid_t) {
     unsafe { *out.add(n) = 0 };
 }
 
-fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

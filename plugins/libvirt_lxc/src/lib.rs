@@ -29,7 +29,7 @@
 //! the watcher itself ends).
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -375,23 +375,53 @@ impl LibvirtPlugin {
         if c.xml.is_none() {
             argv.push(c.domain.clone().into());
         }
-        let process = GuestCommand::new(&argv)
-            .spawn(&activation.fds)
-            .map_err(|e| e.to_string())?;
+        // virsh's stderr (its error message) is captured for the error; its
+        // stdout ("Domain … started") goes to the daemon's, as before.
+        let (err_read, err_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let mut command = GuestCommand::new(&argv);
+        command.stderr_to(err_write);
+        let process = command.spawn(&activation.fds).map_err(|e| e.to_string())?;
+        // The command holds the write end: drop it so the reader sees EOF.
+        drop(command);
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("virsh-start".into())
             .spawn(move || {
-                let _ = tx.send(process.wait());
+                let mut stderr = Vec::new();
+                let _ = std::fs::File::from(err_read).read_to_end(&mut stderr);
+                let _ = tx.send((process.wait(), stderr));
             })
             .map_err(|e| format!("spawning a thread: {e}"))?;
         let verb = if c.xml.is_some() { "create" } else { "start" };
         match rx.recv_timeout(c.start_timeout) {
-            Ok(GuestExit::Exited(0)) => Ok(()),
-            Ok(exit) => Err(format!(
-                "virsh {verb} {} {exit} (its message is in the daemon's log)",
-                c.domain
-            )),
+            Ok((GuestExit::Exited(0), stderr)) => {
+                let stderr = String::from_utf8_lossy(&stderr);
+                if !stderr.trim().is_empty() {
+                    self.host.log(
+                        LogLevel::Warn,
+                        &format!("virsh {verb} {}: {}", c.domain, stderr.trim()),
+                    );
+                }
+                Ok(())
+            }
+            Ok((exit, stderr)) => {
+                let stderr = String::from_utf8_lossy(&stderr);
+                let message: Vec<&str> = stderr
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect();
+                Err(format!(
+                    "virsh {verb} {} {exit}: {}",
+                    c.domain,
+                    if message.is_empty() {
+                        "(no message)".to_owned()
+                    } else {
+                        message.join("; ")
+                    }
+                ))
+            }
             Err(_) => {
                 let _ = process.signal(Signal::SIGKILL as i32);
                 let _ = run(&c.virsh(&["destroy", &c.domain]), VIRSH_TIMEOUT);

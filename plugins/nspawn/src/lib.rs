@@ -26,6 +26,12 @@
 //!
 //! Stop: SIGTERM to nspawn (it shuts the guest down cleanly), then, after the
 //! unit's stop timeout, SIGKILL to nspawn and everything in the guest's cgroup.
+//!
+//! Live restart (ABI 1.1): `activate` returns a handle naming nspawn's pid, its
+//! start time and the guest's cgroup scope; `adopt` in the new daemon image
+//! (the same process, so nspawn is still its child) watches and stops that
+//! nspawn as if it had started it. A guest that ended during the restart is
+//! reaped, its cgroup removed, and reported gone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,10 +40,12 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portwake_plugin_api::{
-    export_plugin, Activation, GuestCommand, GuestId, GuestInfo, GuestProcess, Host, LogLevel,
-    Plugin,
+    export_plugin, Activation, AdoptError, GuestCommand, GuestId, GuestInfo, GuestProcess, Host,
+    LogLevel, Plugin,
 };
-use portwake_plugin_support::{sanitize, CgroupScope, GuestSlot, GuestTable};
+use portwake_plugin_support::{
+    handle_field, reap_handle_zombie, sanitize, CgroupScope, GuestSlot, GuestTable,
+};
 use serde::Deserialize;
 
 /// How long leftovers get to leave a cgroup once killed.
@@ -281,45 +289,31 @@ impl Plugin for NspawnPlugin {
                 argv.join(" ")
             ),
         );
-        let slot = Arc::new(GuestSlot::new(Container { process, scope }));
-        self.guests.insert(activation.guest, Arc::clone(&slot));
-        let (id, host, guests) = (activation.guest, self.host, self.guests.clone());
-        let propagate_dir = self
-            .options
-            .machine_name()
-            .map(|m| PathBuf::from("/run/systemd/nspawn/propagate").join(m));
-        std::thread::Builder::new()
-            .name(format!("nspawn-wait-{}", process.pid))
-            .spawn(move || {
-                let exit = slot.data.process.wait();
-                if let Some(scope) = &slot.data.scope {
-                    let left = scope.kill_all(Signal::SIGKILL);
-                    if left > 0 {
-                        host.log(
-                            LogLevel::Warn,
-                            &format!("killed {left} processes left in the guest's cgroup"),
-                        );
-                    }
-                    if let Err(e) = scope.remove(CGROUP_DRAIN) {
-                        host.log(LogLevel::Error, &e);
-                    }
-                }
-                // nspawn's mount-propagation directory outlives a killed nspawn.
-                if let Some(dir) = &propagate_dir {
-                    let _ = std::fs::remove_dir(dir);
-                }
-                slot.set_exited(exit);
-                guests.remove(id);
-                host.guest_stopped(id, exit);
-            })
-            .map_err(|e| {
-                let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
-                format!("spawning the waiter thread: {e}")
-            })?;
-        Ok(GuestInfo {
-            pid: Some(i64::from(process.pid)),
-            handle: None,
-        })
+        self.watch(activation.guest, Container { process, scope })
+    }
+
+    /// Takes over an nspawn started by this daemon before a live restart (same
+    /// process, so nspawn is still its child): the handle names nspawn's pid and
+    /// start time, and the guest's cgroup scope.
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        let scope = match handle_field(handle, "scope") {
+            Some(name) if name != "-" => Some(CgroupScope::open(name).map_err(AdoptError::Failed)?),
+            _ => None,
+        };
+        let Some(process) = GuestProcess::from_handle(handle).map_err(AdoptError::Failed)? else {
+            // Ended during the restart: reap it and clear what it left.
+            reap_handle_zombie(handle);
+            if let Some(scope) = &scope {
+                let _ = scope.remove(CGROUP_DRAIN);
+            }
+            return Err(AdoptError::Gone);
+        };
+        self.host.log(
+            LogLevel::Info,
+            &format!("adopted systemd-nspawn pid {}", process.pid),
+        );
+        self.watch(guest, Container { process, scope })
+            .map_err(AdoptError::Failed)
     }
 
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
@@ -349,6 +343,62 @@ impl Plugin for NspawnPlugin {
                 "systemd-nspawn (pid {pid}) did not exit after SIGKILL"
             ))
         }
+    }
+}
+
+impl NspawnPlugin {
+    /// Records a running nspawn and starts its waiter, which cleans up its cgroup
+    /// and reports its end; returns its pid and adopt handle.
+    fn watch(&self, id: GuestId, container: Container) -> Result<GuestInfo, String> {
+        let process = container.process;
+        let scope_name = container
+            .scope
+            .as_ref()
+            .and_then(|s| s.dirs().first())
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_str())
+            .unwrap_or("-")
+            .to_owned();
+        let slot = Arc::new(GuestSlot::new(container));
+        self.guests.insert(id, Arc::clone(&slot));
+        let (host, guests) = (self.host, self.guests.clone());
+        let propagate_dir = self
+            .options
+            .machine_name()
+            .map(|m| PathBuf::from("/run/systemd/nspawn/propagate").join(m));
+        std::thread::Builder::new()
+            .name(format!("nspawn-wait-{}", process.pid))
+            .spawn(move || {
+                let exit = slot.data.process.wait();
+                if let Some(scope) = &slot.data.scope {
+                    let left = scope.kill_all(Signal::SIGKILL);
+                    if left > 0 {
+                        host.log(
+                            LogLevel::Warn,
+                            &format!("killed {left} processes left in the guest's cgroup"),
+                        );
+                    }
+                    if let Err(e) = scope.remove(CGROUP_DRAIN) {
+                        host.log(LogLevel::Error, &e);
+                    }
+                }
+                // nspawn's mount-propagation directory outlives a killed nspawn.
+                if let Some(dir) = &propagate_dir {
+                    let _ = std::fs::remove_dir(dir);
+                }
+                slot.set_exited(exit);
+                guests.remove(id);
+                host.guest_stopped(id, exit);
+            })
+            .map_err(|e| {
+                self.guests.remove(id);
+                let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
+                format!("spawning the waiter thread: {e}")
+            })?;
+        Ok(GuestInfo {
+            pid: Some(i64::from(process.pid)),
+            handle: process.handle().map(|h| format!("{h} scope={scope_name}")),
+        })
     }
 }
 

@@ -30,6 +30,13 @@
 //! Stop: crun — `crun kill NAME TERM`, `KILL` after the stop timeout, then
 //! `crun delete -f`; podman — `podman stop -t SECONDS NAME`, then `podman rm -f`.
 //! A container's PID 1 ignores SIGTERM unless it handles it: expect the timeout.
+//!
+//! Live restart (ABI 1.1): `activate` returns a handle naming the engine's
+//! foreground process (`crun run` / `podman run`: pid and start time) and the
+//! container; `adopt` in the new daemon image (the same process, so that
+//! process is still its child) watches and stops it as if it had started it.
+//! A container that ended during the restart is reaped, removed, and reported
+//! gone.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,10 +46,12 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portwake_plugin_api::{
-    export_plugin, Activation, GuestCommand, GuestId, GuestInfo, GuestProcess, Host, LogLevel,
-    Plugin,
+    export_plugin, Activation, AdoptError, GuestCommand, GuestId, GuestInfo, GuestProcess, Host,
+    LogLevel, Plugin,
 };
-use portwake_plugin_support::{run, sanitize, GuestSlot, GuestTable};
+use portwake_plugin_support::{
+    handle_field, reap_handle_zombie, run, sanitize, GuestSlot, GuestTable,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -272,38 +281,48 @@ impl Plugin for OciPlugin {
                 argv.join(" ")
             ),
         );
-        let slot = Arc::new(GuestSlot::new(Container {
-            process,
-            bundle,
-            name: name.clone(),
-        }));
-        self.guests.insert(activation.guest, Arc::clone(&slot));
-        let (id, host, guests, options) = (
+        self.watch(
             activation.guest,
-            self.host,
-            self.guests.clone(),
-            Arc::clone(&self.options),
+            Container {
+                process,
+                bundle,
+                name,
+            },
+        )
+    }
+
+    /// Takes over a container started by this daemon before a live restart (the
+    /// same process, so the engine's foreground process is still its child): the
+    /// handle names that process (pid, start time) and the container.
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        let name = handle_field(handle, "name")
+            .filter(|n| !n.is_empty() && sanitize(n) == *n)
+            .ok_or_else(|| AdoptError::Failed(format!("handle {handle:?} names no container")))?
+            .to_owned();
+        let bundle =
+            (self.options.engine == Engine::Crun).then(|| self.options.state_dir.join(&name));
+        let Some(process) = GuestProcess::from_handle(handle).map_err(AdoptError::Failed)? else {
+            // Ended during the restart: reap it and remove what it left.
+            reap_handle_zombie(handle);
+            remove_container(&self.options, &name);
+            if let Some(b) = &bundle {
+                let _ = std::fs::remove_dir_all(b);
+            }
+            return Err(AdoptError::Gone);
+        };
+        self.host.log(
+            LogLevel::Info,
+            &format!("adopted container {name} (pid {})", process.pid),
         );
-        std::thread::Builder::new()
-            .name(format!("oci-wait-{}", process.pid))
-            .spawn(move || {
-                let exit = slot.data.process.wait();
-                remove_container(&options, &slot.data.name);
-                if let Some(b) = &slot.data.bundle {
-                    let _ = std::fs::remove_dir_all(b);
-                }
-                slot.set_exited(exit);
-                guests.remove(id);
-                host.guest_stopped(id, exit);
-            })
-            .map_err(|e| {
-                let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
-                format!("spawning the waiter thread: {e}")
-            })?;
-        Ok(GuestInfo {
-            pid: Some(i64::from(process.pid)),
-            handle: None,
-        })
+        self.watch(
+            guest,
+            Container {
+                process,
+                bundle,
+                name,
+            },
+        )
+        .map_err(AdoptError::Failed)
     }
 
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
@@ -350,6 +369,40 @@ impl Plugin for OciPlugin {
 }
 
 impl OciPlugin {
+    /// Records a running container and starts its waiter, which removes the
+    /// container (and its generated bundle) and reports its end; returns the
+    /// engine process's pid and the adopt handle.
+    fn watch(&self, id: GuestId, container: Container) -> Result<GuestInfo, String> {
+        let process = container.process;
+        let handle = process
+            .handle()
+            .map(|h| format!("{h} name={}", container.name));
+        let slot = Arc::new(GuestSlot::new(container));
+        self.guests.insert(id, Arc::clone(&slot));
+        let (host, guests, options) = (self.host, self.guests.clone(), Arc::clone(&self.options));
+        std::thread::Builder::new()
+            .name(format!("oci-wait-{}", process.pid))
+            .spawn(move || {
+                let exit = slot.data.process.wait();
+                remove_container(&options, &slot.data.name);
+                if let Some(b) = &slot.data.bundle {
+                    let _ = std::fs::remove_dir_all(b);
+                }
+                slot.set_exited(exit);
+                guests.remove(id);
+                host.guest_stopped(id, exit);
+            })
+            .map_err(|e| {
+                self.guests.remove(id);
+                let _ = kill(Pid::from_raw(process.pid), Signal::SIGKILL);
+                format!("spawning the waiter thread: {e}")
+            })?;
+        Ok(GuestInfo {
+            pid: Some(i64::from(process.pid)),
+            handle,
+        })
+    }
+
     /// `crun run` arguments and the generated bundle directory (a config.json
     /// carrying `LISTEN_*`, pointing at the rootfs or the user's bundle's root).
     fn crun_run(

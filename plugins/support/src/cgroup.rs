@@ -30,42 +30,24 @@ impl CgroupScope {
     /// Creates `NAME` under the daemon's own cgroup in each tracking hierarchy
     /// mounted here; an existing leftover of that name is cleaned up first.
     pub fn create(name: &str) -> Result<Self, String> {
-        let me = procfs::process::Process::myself().map_err(|e| format!("/proc/self: {e}"))?;
-        let mounts = me
-            .mountinfo()
-            .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
-        let cgroups = me
-            .cgroups()
-            .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-        let mut dirs = Vec::new();
-        for mount in mounts {
-            let own = match mount.fs_type.as_str() {
-                "cgroup2" => cgroups.0.iter().find(|c| c.hierarchy == 0),
-                "cgroup"
-                    if mount.super_options.get("name").map(Option::as_deref)
-                        == Some(Some("systemd")) =>
-                {
-                    cgroups
-                        .0
-                        .iter()
-                        .find(|c| c.controllers.iter().any(|n| n == "name=systemd"))
-                }
-                _ => None,
-            };
-            let Some(own) = own else { continue };
-            let dir = mount
-                .mount_point
-                .join(own.pathname.trim_start_matches('/'))
-                .join(name);
-            if dirs.contains(&dir) {
-                continue;
-            }
+        let dirs = scope_dirs(name)?;
+        for dir in &dirs {
             if dir.exists() {
-                remove_tree(&dir, Duration::from_secs(5))?;
+                remove_tree(dir, Duration::from_secs(5))?;
             }
-            std::fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            dirs.push(dir);
+            std::fs::create_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         }
+        Ok(Self { dirs })
+    }
+
+    /// The existing scope `NAME` under the daemon's own cgroup, as [`create`](Self::create)
+    /// made it (by this process before a live restart, which keeps the pid and the
+    /// cgroup); hierarchies where it does not exist are left out.
+    pub fn open(name: &str) -> Result<Self, String> {
+        let dirs = scope_dirs(name)?
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .collect();
         Ok(Self { dirs })
     }
 
@@ -126,6 +108,42 @@ impl CgroupScope {
             Err(errors.join("; "))
         }
     }
+}
+
+/// `NAME` under the daemon's own cgroup in each tracking hierarchy mounted here.
+fn scope_dirs(name: &str) -> Result<Vec<PathBuf>, String> {
+    let me = procfs::process::Process::myself().map_err(|e| format!("/proc/self: {e}"))?;
+    let mounts = me
+        .mountinfo()
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let cgroups = me
+        .cgroups()
+        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
+    let mut dirs = Vec::new();
+    for mount in mounts {
+        let own = match mount.fs_type.as_str() {
+            "cgroup2" => cgroups.0.iter().find(|c| c.hierarchy == 0),
+            "cgroup"
+                if mount.super_options.get("name").map(Option::as_deref)
+                    == Some(Some("systemd")) =>
+            {
+                cgroups
+                    .0
+                    .iter()
+                    .find(|c| c.controllers.iter().any(|n| n == "name=systemd"))
+            }
+            _ => None,
+        };
+        let Some(own) = own else { continue };
+        let dir = mount
+            .mount_point
+            .join(own.pathname.trim_start_matches('/'))
+            .join(name);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    Ok(dirs)
 }
 
 fn collect_pids(dir: &Path, pids: &mut Vec<i32>) {

@@ -185,6 +185,7 @@ pub fn host_pid_namespace() -> String {
 pub struct Daemon {
     child: Option<Child>,
     log: PathBuf,
+    control: PathBuf,
     /// The daemon's pid.
     pub pid: i32,
     after_exit: Vec<Box<dyn FnMut()>>,
@@ -234,6 +235,7 @@ impl Daemon {
         let daemon = Self {
             child: Some(child),
             log,
+            control: dir.join("control.sock"),
             pid,
             after_exit: Vec::new(),
         };
@@ -287,6 +289,37 @@ impl Daemon {
                 (elapsed, false)
             }
         }
+    }
+
+    /// `portwake COMMAND --socket CONTROL ARGS…` (status, stop, restart, …):
+    /// whether it succeeded, and what it printed.
+    pub fn control(&self, command: &str, args: &[&str]) -> (bool, String) {
+        let out = Command::new(bin_dir().join("portwake"))
+            .arg(command)
+            .arg("--socket")
+            .arg(&self.control)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run portwake");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// `portwake restart`, which returns once the new image answers; returns how
+    /// long that took. Panics (with the log) when it fails.
+    pub fn live_restart(&self) -> Duration {
+        let t = Instant::now();
+        let (ok, out) = self.control("restart", &[]);
+        assert!(ok, "portwake restart failed: {out}\n{}", self.log());
+        eprintln!("portwake restart: {}", out.trim());
+        t.elapsed()
     }
 
     /// Host pids of the daemon's direct children (the guests' engine processes).
@@ -497,4 +530,42 @@ pub fn run_status(argv: &[String]) -> (bool, String) {
         ),
         Err(e) => (false, e.to_string()),
     }
+}
+
+/// The open fds of the process that is PID 1 of the pid namespace `ns` (as
+/// `/proc/PID/ns/pid` names it), seen from the host: `(fd, readlink target)`,
+/// sorted. Empty when no such process is found.
+pub fn init_fds_of_namespace(ns: &str) -> Vec<(i32, String)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let init = procs
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|pid| {
+            std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                .is_ok_and(|l| l.to_string_lossy() == ns)
+                && std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))
+                        .and_then(|l| l.split_whitespace().last())
+                        == Some("1")
+                })
+        });
+    let Some(pid) = init else {
+        return Vec::new();
+    };
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let fd = e.file_name().to_str()?.parse().ok()?;
+                    let target = std::fs::read_link(e.path()).ok()?;
+                    Some((fd, target.to_string_lossy().into_owned()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    fds.sort();
+    fds
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use portwake_engine_tests::libvirtd::{Libvirtd, LXC_CONTROLLER, LXC_DRIVER};
 use portwake_engine_tests::{
-    bin_dir, free_port, hello_info, host_pid_namespace, prerequisites, report, Daemon,
+    bin_dir, free_port, hello_info, host_pid_namespace, init_fds_of_namespace, prerequisites,
+    report, Daemon,
 };
 
 fn domain_xml(name: &str, initenv: &str) -> String {
@@ -45,6 +46,41 @@ fn check_served(unit: &str, ports: [u16; 2], names: [&str; 2]) -> (String, Durat
     );
     assert_eq!(first["listen_fds"], "2", "{unit}: {first}");
     assert_eq!(first["served_name"], names[0], "{unit}: {first}");
+    // fd isolation, with another unit (and its domain's listeners) in the same
+    // daemon: the console on 0-2 and the domain's own two listeners, nothing of
+    // the daemon's. libvirt (9.0, `<console type='pty'/>`) renumbers the passed
+    // fds to 3, 4 and closes the rest: the stray console fd 5 seen earlier on
+    // these machines does not appear, so the exact list is asserted.
+    assert_eq!(
+        first["open_fds"],
+        serde_json::json!([0, 1, 2, 3, 4]),
+        "{unit}: the guest's fds at start: {first}"
+    );
+    let sockets: Vec<String> = first["sockets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| format!("{} {}", s["fd"], s["address"].as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        sockets,
+        [
+            format!("3 127.0.0.1:{}", ports[0]),
+            format!("4 127.0.0.1:{}", ports[1])
+        ],
+        "{unit}: fds 3 and 4 are not the unit's listeners: {first}"
+    );
+    let host_view = init_fds_of_namespace(&ns);
+    eprintln!("{unit}: the domain init's fds, seen from the host: {host_view:?}");
+    assert!(
+        host_view.len() == 5
+            && host_view[..3]
+                .iter()
+                .all(|(_, target)| target.starts_with("/dev/pts/")),
+        "{unit}: 0-2 should be the console pty: {host_view:?}"
+    );
     let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{unit}: second listener: {e}"));
     assert_eq!(
@@ -93,6 +129,8 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
     std::fs::write(&template, domain_xml(&transient, "")).expect("write template");
 
     let (d1, d2, t1, t2) = (free_port(), free_port(), free_port(), free_port());
+    let m1 = free_port();
+    let missing = format!("pwtest-missing-{tag}");
     let config = format!(
         r#"(
     plugin_dir: {plugin_dir:?},
@@ -116,6 +154,12 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
                 Stream(address: "127.0.0.1:{t2}", name: "admin"),
             ],
             stop_timeout: "10s",
+        ),
+        (
+            name: "missing",
+            plugin: "libvirt_lxc",
+            options: (domain: {missing:?}, uri: {uri:?}),
+            listen: [Stream(address: "127.0.0.1:{m1}", name: "web")],
         ),
     ],
 )"#,
@@ -168,6 +212,23 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
         4,
         "{}",
         daemon.log()
+    );
+
+    // A failing `virsh start` (no such domain): virsh's own message reaches the
+    // daemon's log with the activation error.
+    let _client = std::net::TcpStream::connect(addr(m1)).expect("connect to the missing unit");
+    daemon.wait_log("activation failed", 1, Duration::from_secs(30));
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("activation failed"))
+        .unwrap_or_default();
+    eprintln!("libvirt_lxc: a failing start is logged as: {line}");
+    assert!(
+        line.contains(&format!(
+            "virsh start {missing} exited with status 1: error: failed to get domain '{missing}'"
+        )),
+        "virsh's message is not in the activation error: {line}"
     );
 
     // portwake's own stop: destroy (transient) and shutdown → destroy after 1s (defined).

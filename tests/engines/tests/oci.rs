@@ -1,7 +1,9 @@
 //! crun and podman: a rootfs holding hello-guest (and the libraries it links);
 //! the first connection to each of two listeners is served from inside the
 //! container; a container killed from outside is noticed and the next
-//! connection starts a new one; portwake's stop stops and removes it.
+//! connection starts a new one; portwake's stop stops and removes it. The guest
+//! sees exactly fds 0-4 with another unit in the same daemon; a live `portwake
+//! restart` adopts the running container, which keeps serving.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,14 +11,29 @@ use std::time::{Duration, Instant};
 
 use portwake_engine_tests::{
     bin_dir, cgroups_named, free_port, hello_info, hello_rootfs, host_pid_namespace,
-    hybrid_wrapped, prerequisites, remove_cgroup_tree, report, run_status, unmount_under, Daemon,
+    hybrid_wrapped, init_fds_of_namespace, prerequisites, remove_cgroup_tree, report, run_status,
+    unmount_under, Daemon,
 };
 
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-fn check_served(engine: &str, ports: [u16; 2]) -> Duration {
+/// `"FD ADDRESS"` of each listener hello-guest reported.
+fn own_listeners(info: &serde_json::Value) -> Vec<String> {
+    info["sockets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| format!("{} {}", s["fd"], s["address"].as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Both listeners served from one container; returns its pid namespace and the
+/// first connection's time to first byte.
+fn check_served(engine: &str, ports: [u16; 2]) -> (String, Duration) {
     let (first, reply) = hello_info(addr(ports[0]), Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("{engine}: first connection: {e}"));
     let ns = first["pid_namespace"]
@@ -32,11 +49,46 @@ fn check_served(engine: &str, ports: [u16; 2]) -> Duration {
     assert_eq!(first["listen_fds"], "2", "{engine}: {first}");
     assert_eq!(first["listen_pid"], "1", "{engine}: {first}");
     assert_eq!(first["served_name"], "web", "{engine}: {first}");
+    // fd isolation: stdio and its own two listeners, nothing of the daemon's (the
+    // other unit's listener, the control socket, epoll, the log) and no engine
+    // extras: crun keeps only --preserve-fds, podman passes LISTEN_FDS only.
+    assert_eq!(
+        first["open_fds"],
+        serde_json::json!([0, 1, 2, 3, 4]),
+        "{engine}: the guest's fds at start: {first}"
+    );
+    assert_eq!(
+        own_listeners(&first),
+        [
+            format!("3 127.0.0.1:{}", ports[0]),
+            format!("4 127.0.0.1:{}", ports[1])
+        ],
+        "{engine}: fds 3 and 4 are not the unit's listeners: {first}"
+    );
+    // Seen from the host: 0 is /dev/null; 1 and 2 are the daemon's stderr (crun)
+    // or conmon's log pipes (podman); no other fd.
+    let host_view = init_fds_of_namespace(&ns);
+    eprintln!("{engine}: the container init's fds, seen from the host: {host_view:?}");
+    assert_eq!(
+        host_view.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4],
+        "{engine}: {host_view:?}"
+    );
     let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{engine}: second listener: {e}"));
     assert_eq!(second["pid_namespace"], ns.as_str(), "{engine}: {second}");
     assert_eq!(second["served_name"], "api", "{engine}: {second}");
-    reply.total
+    (ns, reply.total)
+}
+
+/// What an engine test does once the daemon runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// Serve, kill from outside, serve again, stop.
+    RoundTrip,
+    /// Serve, `portwake restart` (the container is adopted and keeps serving),
+    /// `portwake stop`, serve again, stop.
+    LiveRestart,
 }
 
 /// One engine, end to end. `engine_cmd` builds an engine command line as the
@@ -47,8 +99,9 @@ fn engine_round_trip(
     options: &str,
     engine_cmd: &dyn Fn(&[&str]) -> Vec<String>,
     name: &str,
+    scenario: Scenario,
 ) {
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
     let config = format!(
         r#"(
     plugin_dir: {plugin_dir:?},
@@ -61,9 +114,16 @@ fn engine_round_trip(
             Stream(address: "127.0.0.1:{p2}", name: "api"),
         ],
         stop_timeout: "1s",
+    ), (
+        name: "other",
+        plugin: "exec",
+        options: (command: [{guest:?}]),
+        listen: [Stream(address: "127.0.0.1:{p3}", name: "other")],
+        stop_timeout: "1s",
     )],
 )"#,
         plugin_dir = bin_dir().display().to_string(),
+        guest = bin_dir().join("hello-guest").display().to_string(),
     );
     let cgroups_before = cgroups_named("libpod_parent");
     let crun_state_existed = Path::new("/run/crun").exists();
@@ -84,20 +144,65 @@ fn engine_round_trip(
         }
     });
 
-    let first = check_served(engine, [p1, p2]);
+    // Another unit of the same daemon runs (its guest holds its own listener)
+    // while the container starts; the container must not see its socket.
+    let (other, _) = hello_info(addr(p3), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{engine}: the other unit: {e}"));
+    assert_eq!(
+        other["open_fds"],
+        serde_json::json!([0, 1, 2, 3]),
+        "exec guest's fds: {other}"
+    );
+    let (ns, first) = check_served(engine, [p1, p2]);
     report(engine, "first byte (container start)", first);
 
-    // Killed from outside: noticed, listening again, next connection restarts it.
-    let t = Instant::now();
-    let (ok, out) = run_status(&engine_cmd(&["kill", name]));
-    assert!(ok, "{engine} kill: {out}");
-    daemon.wait_log("guest stopped", 1, Duration::from_secs(30));
-    report(
-        engine,
-        "outside kill -> guest stopped reported",
-        t.elapsed(),
-    );
-    let again = check_served(engine, [p1, p2]);
+    if scenario == Scenario::LiveRestart {
+        // The new daemon image adopts the container (and the other unit's guest).
+        let mut kids = daemon.children();
+        kids.sort_unstable();
+        let took = daemon.live_restart();
+        report(engine, "live restart (portwake restart returned)", took);
+        daemon.wait_log("adopted a running guest", 2, Duration::from_secs(10));
+        daemon.wait_log("adopted container", 1, Duration::from_secs(1));
+        let (ns_after, after) = check_served(engine, [p1, p2]);
+        report(engine, "first byte after live restart (adopted)", after);
+        assert_eq!(
+            ns_after, ns,
+            "{engine}: another container after the restart"
+        );
+        let mut kids_after = daemon.children();
+        kids_after.sort_unstable();
+        assert_eq!(kids_after, kids, "{engine}: engine processes changed");
+        assert_eq!(daemon.log().matches("started container").count(), 1);
+
+        // A later stop goes through the adopting plugin and removes the container.
+        let t = Instant::now();
+        let (ok, out) = daemon.control("stop", &["box"]);
+        assert!(ok, "portwake stop box: {out}");
+        daemon.wait_log("guest stopped", 1, Duration::from_secs(30));
+        report(
+            engine,
+            "stop after live restart (portwake stop; PID 1 ignores TERM, stop_timeout 1s)",
+            t.elapsed(),
+        );
+        let (_, list) = run_status(&engine_cmd(&["list"]));
+        assert!(
+            !list.contains(name),
+            "{engine}: container left after stop: {list}"
+        );
+    } else {
+        // Killed from outside: noticed, listening again, next connection restarts it.
+        let t = Instant::now();
+        let (ok, out) = run_status(&engine_cmd(&["kill", name]));
+        assert!(ok, "{engine} kill: {out}");
+        daemon.wait_log("guest stopped", 1, Duration::from_secs(30));
+        report(
+            engine,
+            "outside kill -> guest stopped reported",
+            t.elapsed(),
+        );
+    }
+    let (_, again) = check_served(engine, [p1, p2]);
     report(engine, "first byte after re-activation", again);
     daemon.wait_log("started container", 2, Duration::from_secs(5));
 
@@ -118,6 +223,15 @@ fn engine_round_trip(
 
 #[test]
 fn crun_serves_stops_removes_and_reactivates() {
+    crun(Scenario::RoundTrip);
+}
+
+#[test]
+fn crun_container_survives_live_restart() {
+    crun(Scenario::LiveRestart);
+}
+
+fn crun(scenario: Scenario) {
     if !prerequisites(
         "crun",
         &["crun", "unshare", "ldd"],
@@ -137,7 +251,7 @@ fn crun_serves_stops_removes_and_reactivates() {
     let state = tmp.path().join("state");
     let root = tmp.path().join("crun-root");
     let root_arg = format!("--root={}", root.display());
-    let name = format!("pwtest-crun-{}", std::process::id());
+    let name = format!("pwtest-crun-{}-{scenario:?}", std::process::id());
     let options = format!(
         r#"(engine: "crun", name: {name:?}, rootfs: {rootfs:?}, command: ["/hello-guest"], hide_hybrid_cgroup: true, state_dir: {state:?}, engine_args: [{root_arg:?}])"#,
         rootfs = rootfs.display().to_string(),
@@ -152,11 +266,20 @@ fn crun_serves_stops_removes_and_reactivates() {
             other => panic!("unexpected {other:?} for {n}"),
         }
     };
-    engine_round_trip("crun", tmp.path(), &options, &cmd, &name);
+    engine_round_trip("crun", tmp.path(), &options, &cmd, &name, scenario);
 }
 
 #[test]
 fn podman_serves_stops_removes_and_reactivates() {
+    podman(Scenario::RoundTrip);
+}
+
+#[test]
+fn podman_container_survives_live_restart() {
+    podman(Scenario::LiveRestart);
+}
+
+fn podman(scenario: Scenario) {
     if !prerequisites(
         "podman",
         &["podman", "crun", "unshare", "ldd"],
@@ -173,7 +296,7 @@ fn podman_serves_stops_removes_and_reactivates() {
         .tempdir()
         .expect("tempdir");
     let rootfs = hello_rootfs(tmp.path());
-    let name = format!("pwtest-podman-{}", std::process::id());
+    let name = format!("pwtest-podman-{}-{scenario:?}", std::process::id());
     let global: Vec<String> = vec![
         format!("--root={}", tmp.path().join("root").display()),
         format!("--runroot={}", tmp.path().join("runroot").display()),
@@ -202,5 +325,5 @@ fn podman_serves_stops_removes_and_reactivates() {
         }
         hybrid_wrapped(&argv)
     };
-    engine_round_trip("podman", tmp.path(), &options, &cmd, &name);
+    engine_round_trip("podman", tmp.path(), &options, &cmd, &name, scenario);
 }
