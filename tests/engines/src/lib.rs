@@ -23,9 +23,36 @@ pub fn workspace_root() -> PathBuf {
 
 /// Where `cargo build --workspace` put the binaries and plugins.
 pub fn bin_dir() -> PathBuf {
+    build();
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     target.join("debug")
+}
+
+/// Builds the daemon, the engine plugins and the example guest once per test
+/// process: `cargo test` alone builds no cdylib of another package.
+fn build() {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut command = Command::new(cargo);
+        command.current_dir(workspace_root()).args(["build", "-q"]);
+        for package in [
+            "portwake",
+            "portwake-example-guest",
+            "portwake-exec",
+            "portwake-nspawn",
+            "portwake-libvirt-lxc",
+            "portwake-oci",
+        ] {
+            command.args(["-p", package]);
+        }
+        let status = command.status().expect("running cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the engine test artifacts failed"
+        );
+    });
 }
 
 /// Whether we run under CI, where a missing prerequisite is a failure.
