@@ -207,3 +207,52 @@ fn the_guest_sees_only_stdio_and_its_own_listeners() {
         format!("{}/u2.sock", dir.path().display())
     );
 }
+
+#[test]
+fn every_fd_of_the_daemon_is_close_on_exec() {
+    let (port, other) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&format!(
+        r#"(units: [
+            (name: "a", plugin: "exec", options: (command: ["{guest}"]),
+             listen: [Stream(address: "127.0.0.1:{port}"), Datagram(address: "127.0.0.1:{port}"),
+                      Stream(address: "{}/a.sock"), SequentialPacket(address: "@pw-cloexec-{port}")]),
+            (name: "b", plugin: "exec", options: (command: ["{guest}"]),
+             listen: [Stream(address: "127.0.0.1:{other}")], idle_stop: "1h"),
+        ])"#,
+        dir.path().display(),
+        guest = guest()
+    ))
+    .unwrap();
+    // A running guest, a status request (sock_diag) and the control socket in use.
+    info(SocketAddr::from(([127, 0, 0, 1], other))).unwrap();
+    assert_eq!(daemon.status()["units"][1]["state"], "running");
+    let fds: Vec<u32> = std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    assert!(
+        fds.len() >= 8,
+        "listeners, epoll, waker, signal pipe, control: {fds:?}"
+    );
+    for fd in fds {
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", daemon.pid()))
+        else {
+            continue; // closed meanwhile
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|f| u32::from_str_radix(f.trim(), 8).unwrap())
+            .unwrap();
+        let target =
+            std::fs::read_link(format!("/proc/{}/fd/{fd}", daemon.pid())).unwrap_or_default();
+        assert_ne!(
+            flags & 0o2_000_000,
+            0,
+            "fd {fd} ({}) lacks O_CLOEXEC",
+            target.display()
+        );
+    }
+}

@@ -28,3 +28,22 @@ pub fn place_fds_for_exec(fds: &[RawFd]) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Marks every fd from 3 up close-on-exec: whatever the parent left open for us
+/// by accident must not reach a guest or a re-exec'd daemon. (Sockets handed over
+/// on purpose, `LISTEN_FDS`, are CLOEXEC in the daemon too.)
+pub fn cloexec_all_inherited() -> io::Result<()> {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags on fds of this process.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

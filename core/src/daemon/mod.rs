@@ -225,6 +225,9 @@ impl Daemon {
     /// names its unit.
     pub fn new(config: &Config, options: &RunOptions) -> Result<Self, DaemonError> {
         // First of all, before this process opens any fd of its own at 3, 4, ….
+        if let Err(e) = crate::sys::cloexec_all_inherited() {
+            warn!(error = %e, "cannot mark inherited fds close-on-exec");
+        }
         let mut inherited = Inherited::take();
         let io_error = |step| move |source| DaemonError::Io { step, source };
         let poll = Poll::new().map_err(io_error("creating the poll"))?;
