@@ -326,7 +326,7 @@ impl Config {
             })?;
         let mut v = Validator {
             path,
-            text,
+            locator: Locator::new(text),
             problems: Vec::new(),
         };
         let units = v.units(raw.units);
@@ -349,14 +349,14 @@ impl Config {
 /// Collects problems while turning the raw schema into validated values.
 struct Validator<'a> {
     path: &'a Path,
-    text: &'a str,
+    locator: Locator<'a>,
     problems: Vec<Problem>,
 }
 
 impl Validator<'_> {
     /// Records a problem at the `nth` occurrence of `literal` in the file, if found.
     fn problem(&mut self, literal: Option<(&str, usize)>, field: String, message: String) {
-        let position = literal.and_then(|(lit, nth)| locate(self.text, &format!("{lit:?}"), nth));
+        let position = literal.and_then(|(lit, nth)| self.locator.locate(lit, nth));
         self.problems.push(Problem {
             path: self.path.to_owned(),
             position,
@@ -650,7 +650,7 @@ impl Validator<'_> {
             user: s.user,
             group: s.group,
             named,
-            position: lit.and_then(|(l, nth)| locate(self.text, &format!("{l:?}"), nth)),
+            position: lit.and_then(|(l, nth)| self.locator.locate(l, nth)),
         })
     }
 }
@@ -691,13 +691,57 @@ fn valid_fd_name(name: &str) -> bool {
             .all(|b| (b' '..=b'~').contains(&b) && b != b':')
 }
 
-/// 1-based (line, column) of the `nth` (0-based) occurrence of `needle` in `text`.
-fn locate(text: &str, needle: &str, nth: usize) -> Option<(usize, usize)> {
-    let (offset, _) = text.match_indices(needle).nth(nth)?;
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-    Some((line, col))
+/// Where each string literal of the config text stands, found in one pass, so that
+/// placing a value is a lookup (a config with 10,000 listeners places each one).
+struct Locator<'a> {
+    line_starts: Vec<usize>,
+    literals: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> Locator<'a> {
+    fn new(text: &'a str) -> Self {
+        let bytes = text.as_bytes();
+        let mut literals: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            match (bytes[i], bytes.get(i + 1)) {
+                (b'/', Some(b'/')) => {
+                    i = text[i..].find('\n').map_or(bytes.len(), |n| i + n);
+                }
+                (b'/', Some(b'*')) => {
+                    i = text[i + 2..]
+                        .find("*/")
+                        .map_or(bytes.len(), |n| i + 2 + n + 2);
+                }
+                (b'"', _) => {
+                    let start = i;
+                    i += 1;
+                    while i < bytes.len() && bytes[i] != b'"' {
+                        i += if bytes[i] == b'\\' { 2 } else { 1 };
+                    }
+                    let end = (i + 1).min(bytes.len());
+                    literals.entry(&text[start..end]).or_default().push(start);
+                    i = end;
+                }
+                _ => i += 1,
+            }
+        }
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(n, _)| n + 1))
+            .collect();
+        Self {
+            line_starts,
+            literals,
+        }
+    }
+
+    /// 1-based (line, column) of the `nth` (0-based) occurrence of the string `value`
+    /// as a RON literal.
+    fn locate(&self, value: &str, nth: usize) -> Option<(usize, usize)> {
+        let offset = *self.literals.get(format!("{value:?}").as_str())?.get(nth)?;
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        Some((line, offset - self.line_starts[line - 1] + 1))
+    }
 }
 
 #[cfg(test)]

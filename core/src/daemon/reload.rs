@@ -18,12 +18,13 @@ impl Daemon {
         let mut prepared = Vec::with_capacity(config.units.len());
         let mut next_slot = self.units.len();
         let mut none = Inherited::default();
+        let held = self.held_sockets();
         for unit in &config.units {
             let slot = self.by_name.get(&unit.name).copied().unwrap_or_else(|| {
                 next_slot += 1;
                 next_slot - 1
             });
-            prepared.push(self.prepare(&config, unit, slot, &mut none)?);
+            prepared.push(self.prepare(&config, unit, slot, &mut none, &held)?);
         }
         let keep: HashSet<&str> = config.units.iter().map(|u| u.name.as_str()).collect();
         let removed: Vec<usize> = self
