@@ -47,3 +47,23 @@ pub fn cloexec_all_inherited() -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Raises the soft limit on open files to the hard limit: every listener is an fd,
+/// and supervisors start services with a soft limit of 1,024. Returns (old, new).
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let old = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: setrlimit reads one valid rlimit; raising soft up to hard is always allowed.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((old, limit.rlim_cur))
+}

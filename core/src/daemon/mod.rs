@@ -231,6 +231,11 @@ impl Daemon {
         if let Err(e) = crate::sys::cloexec_all_inherited() {
             warn!(error = %e, "cannot mark inherited fds close-on-exec");
         }
+        match crate::sys::raise_fd_limit() {
+            Ok((old, new)) if old != new => debug!(old, new, "raised the open-file limit"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+        }
         let mut inherited = Inherited::take();
         let io_error = |step| move |source| DaemonError::Io { step, source };
         let poll = Poll::new().map_err(io_error("creating the poll"))?;
