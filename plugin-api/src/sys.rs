@@ -100,6 +100,7 @@ pub(crate) enum ChildStep {
     Chdir = 4,
     Exec = 5,
     Stdio = 6,
+    Fetch = 7,
 }
 
 impl ChildStep {
@@ -110,6 +111,7 @@ impl ChildStep {
             3 => "placing the listening fds",
             4 => "changing directory",
             6 => "redirecting stdout/stderr",
+            7 => "taking the fds from the daemon (pidfd_getfd)",
             _ => "exec",
         }
     }
@@ -118,53 +120,162 @@ impl ChildStep {
 /// Forks and execs the plan; returns the child's pid once `execve` has succeeded,
 /// or the step and errno at which the child failed.
 pub(crate) fn fork_exec(plan: &mut ExecPlan) -> Result<i32, (u32, io::Error)> {
-    let (err_read, err_write) = pipe_cloexec().map_err(|e| (0, e))?;
-    let listen_pid_ptr = plan.listen_pid.as_mut_ptr();
-    // SAFETY: after fork the child runs only `child_after_fork`, which performs
-    // async-signal-safe calls on memory prepared before the fork, and never returns.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err((0, io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: we are the child of a fork; see `child_after_fork`'s contract.
-        unsafe { child_after_fork(plan, listen_pid_ptr, err_write.as_raw_fd()) };
-    }
-    drop(err_write);
-    let mut report = [0u8; 8];
-    let n = read_full(err_read.as_raw_fd(), &mut report);
-    match n {
-        Ok(0) => Ok(pid),
-        Ok(8) => {
-            let step = u32::from_ne_bytes([report[0], report[1], report[2], report[3]]);
-            let errno = i32::from_ne_bytes([report[4], report[5], report[6], report[7]]);
-            // The child has failed and called `_exit`; reap it so it is no zombie.
-            let _ = wait_pid(pid);
-            Err((step, io::Error::from_raw_os_error(errno)))
+    use std::sync::atomic::{AtomicBool, Ordering};
+    /// Set once the child could not take its fds with pidfd_getfd (no ptrace
+    /// permission on the daemon, or an old kernel): spawn the classic way from then on.
+    static NO_FETCH: AtomicBool = AtomicBool::new(false);
+    if !NO_FETCH.load(Ordering::Relaxed) {
+        match spawn(plan, true) {
+            Err((step, e)) if step == ChildStep::Fetch as u32 => {
+                NO_FETCH.store(true, Ordering::Relaxed);
+                let _ = e;
+            }
+            other => return other,
         }
-        Ok(_) => Err((0, io::Error::other("short error report from child"))),
-        Err(e) => Err((0, e)),
     }
+    spawn(plan, false)
+}
+
+struct ChildArgs {
+    plan: *const ExecPlan,
+    listen_pid: *mut u8,
+    /// Share the daemon's fd table, then keep only 0-2 and take the fds it needs
+    /// with pidfd_getfd: the daemon's other fds are never copied nor closed.
+    fetch: bool,
+    /// Written by the child when it fails, read by the parent once it resumes.
+    failed_step: u32,
+    failed_errno: i32,
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> c_int {
+    // SAFETY: `arg` points at the parent's `ChildArgs`, alive while the parent is
+    // suspended (CLONE_VFORK) until this child execs or exits.
+    let a = unsafe { &mut *arg.cast::<ChildArgs>() };
+    // SAFETY: see `child_after_fork`'s contract; the plan was prepared before clone.
+    unsafe { child_after_fork(a) }
+}
+
+/// Clones a child that shares the daemon's memory (CLONE_VM) while the calling
+/// thread waits until it has exec'd or failed (CLONE_VFORK), as posix_spawn does:
+/// no page tables are copied, whatever the daemon's size and thread count.
+fn spawn(plan: &mut ExecPlan, fetch: bool) -> Result<i32, (u32, io::Error)> {
+    let mut args = ChildArgs {
+        plan: std::ptr::from_ref(plan),
+        listen_pid: plan.listen_pid.as_mut_ptr(),
+        fetch,
+        failed_step: 0,
+        failed_errno: 0,
+    };
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: one past the end of `stack`, rounded down to 16 bytes.
+    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
+    let top = ((top as usize) & !15) as *mut libc::c_void;
+    // Signals stay blocked until the child has reset every handler to the default,
+    // so no handler of the daemon runs on the shared memory.
+    // SAFETY: an all-zero sigset_t is a valid value.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset manipulation on locals; pthread_sigmask with valid pointers.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    let flags = libc::CLONE_VM
+        | libc::CLONE_VFORK
+        | libc::SIGCHLD
+        | if fetch { libc::CLONE_FILES } else { 0 };
+    // SAFETY: the child runs only async-signal-safe calls on memory prepared
+    // before the clone and never returns; `stack` and `args` outlive its use of them.
+    let pid = unsafe {
+        libc::clone(
+            child_entry,
+            top,
+            flags,
+            std::ptr::from_mut(&mut args).cast(),
+        )
+    };
+    let clone_error = io::Error::last_os_error();
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err((0, clone_error));
+    }
+    // SAFETY: the child has exec'd or exited: nothing writes `args` any more.
+    let (step, errno) = unsafe {
+        (
+            std::ptr::read_volatile(&args.failed_step),
+            std::ptr::read_volatile(&args.failed_errno),
+        )
+    };
+    if step != 0 {
+        // The child has failed and called `_exit`; reap it so it is no zombie.
+        let _ = wait_pid(pid);
+        return Err((step, io::Error::from_raw_os_error(errno)));
+    }
+    Ok(pid)
 }
 
 /// The child's side of `fork_exec`. Never returns.
 ///
 /// # Safety
-/// Must be called only in the child right after `fork`, with a plan whose buffers
+/// Must be called only in the child of `spawn`'s clone, with a plan whose buffers
 /// were prepared in the parent; it uses only async-signal-safe functions.
-unsafe fn child_after_fork(plan: &ExecPlan, listen_pid: *mut u8, err_fd: c_int) -> ! {
+unsafe fn child_after_fork(a: &mut ChildArgs) -> ! {
+    // SAFETY: the plan outlives the child (the parent waits).
+    let plan = unsafe { &*a.plan };
+    let mut fds = [0 as c_int; 1024];
+    let (mut stdout, mut stderr) = (plan.stdout, plan.stderr);
     let step = 'fail: {
         // SAFETY: each call below is an async-signal-safe syscall on fds and
         // NUL-terminated buffers the parent prepared; none allocates or locks.
         unsafe {
+            if plan.fds.len() > fds.len() {
+                break 'fail ChildStep::Fds;
+            }
+            fds[..plan.fds.len()].copy_from_slice(&plan.fds);
+            if a.fetch {
+                // A table of our own with 0-2 only: the daemon's fds are not copied.
+                if libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_UNSHARE,
+                ) < 0
+                {
+                    break 'fail ChildStep::Fetch;
+                }
+                let parent = libc::syscall(libc::SYS_pidfd_open, libc::getppid(), 0);
+                if parent < 0 {
+                    break 'fail ChildStep::Fetch;
+                }
+                let parent = c_int::try_from(parent).unwrap_or(-1);
+                let get = |fd: c_int| {
+                    c_int::try_from(libc::syscall(libc::SYS_pidfd_getfd, parent, fd, 0))
+                        .unwrap_or(-1)
+                };
+                for fd in &mut fds[..plan.fds.len()] {
+                    *fd = get(*fd);
+                    if *fd < 0 {
+                        break 'fail ChildStep::Fetch;
+                    }
+                }
+                for fd in [&mut stdout, &mut stderr].into_iter().flatten() {
+                    *fd = get(*fd);
+                    if *fd < 0 {
+                        break 'fail ChildStep::Fetch;
+                    }
+                }
+                libc::close(parent);
+            }
             if plan.new_session && libc::setsid() < 0 {
                 break 'fail ChildStep::Session;
             }
             reset_signals();
-            // stdout/stderr first: their sources are the plugin's fds (>= 3 in a
-            // daemon whose 0-2 are open), which the steps below do not touch
-            // before the listeners are lifted above 3 + n.
-            for (source, target) in [(plan.stdout, 1), (plan.stderr, 2)] {
+            // stdout/stderr first: their sources are >= 3, which the steps below
+            // do not touch before the listeners are lifted above 3 + n.
+            for (source, target) in [(stdout, 1), (stderr, 2)] {
                 let Some(source) = source else { continue };
                 let done = if source == target {
                     // dup2 onto itself keeps FD_CLOEXEC: clear it instead.
@@ -188,10 +299,7 @@ unsafe fn child_after_fork(plan: &ExecPlan, listen_pid: *mut u8, err_fd: c_int) 
             // Lift every source fd above the target range first, so no dup2 below
             // can overwrite a source that is still to be moved.
             let mut lifted = [0 as c_int; 1024];
-            if plan.fds.len() > lifted.len() {
-                break 'fail ChildStep::Fds;
-            }
-            for (i, &fd) in plan.fds.iter().enumerate() {
+            for (i, &fd) in fds[..plan.fds.len()].iter().enumerate() {
                 let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, first_free);
                 if high < 0 {
                     break 'fail ChildStep::Fds;
@@ -205,8 +313,7 @@ unsafe fn child_after_fork(plan: &ExecPlan, listen_pid: *mut u8, err_fd: c_int) 
                     break 'fail ChildStep::Fds;
                 }
             }
-            // Everything from `first_free` up (lifted copies, the daemon's own fds)
-            // closes at exec; the error pipe stays usable until then.
+            // Everything from `first_free` up closes at exec.
             let first = u32::try_from(first_free).unwrap_or(3);
             if libc::syscall(
                 libc::SYS_close_range,
@@ -222,18 +329,16 @@ unsafe fn child_after_fork(plan: &ExecPlan, listen_pid: *mut u8, err_fd: c_int) 
                     break 'fail ChildStep::Chdir;
                 }
             }
-            write_pid(listen_pid.add(LISTEN_PID_PREFIX.len()), libc::getpid());
+            write_pid(a.listen_pid.add(LISTEN_PID_PREFIX.len()), libc::getpid());
             libc::execve(plan.path.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr());
             ChildStep::Exec
         }
     };
-    // SAFETY: async-signal-safe reporting on an fd we own, then `_exit`.
+    // SAFETY: the parent is suspended until we exit; it reads these afterwards.
     unsafe {
         let errno = *libc::__errno_location();
-        let mut report = [0u8; 8];
-        report[..4].copy_from_slice(&(step as u32).to_ne_bytes());
-        report[4..].copy_from_slice(&errno.to_ne_bytes());
-        libc::write(err_fd, report.as_ptr().cast(), report.len());
+        std::ptr::write_volatile(&mut a.failed_step, step as u32);
+        std::ptr::write_volatile(&mut a.failed_errno, errno);
         libc::_exit(127)
     }
 }
@@ -247,14 +352,14 @@ unsafe fn reset_signals() {
     // SAFETY: sigset manipulation on a local set and sigaction/sigprocmask with
     // valid arguments; all async-signal-safe.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         for sig in 1..libc::SIGRTMIN() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 }
 
@@ -282,6 +387,7 @@ unsafe fn write_pid(out: *mut u8, pid: libc::pid_t) {
     unsafe { *out.add(n) = 0 };
 }
 
+#[cfg(test)]
 pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
@@ -290,25 +396,6 @@ pub(crate) fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
-fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        // SAFETY: the destination is the unread tail of `buf`.
-        let n = unsafe { libc::read(fd, buf[done..].as_mut_ptr().cast(), buf.len() - done) };
-        match n {
-            0 => break,
-            n if n > 0 => done += usize::try_from(n).unwrap_or(0),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-        }
-    }
-    Ok(done)
 }
 
 /// Raw wait status of a reaped child.
