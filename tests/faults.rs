@@ -387,18 +387,7 @@ fn a_guest_sigkilled_while_serving_is_replaced_by_the_next_client() {
     let pid = int(&info(local(port)).unwrap()["pid"]);
     // A client mid-conversation when the guest dies.
     let open = TcpStream::connect(local(port)).unwrap();
-    // SAFETY: kill has no memory-safety preconditions; the pid is the guest's.
-    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
-    assert!(
-        daemon.wait_log("guest stopped unit=victim", Duration::from_secs(10)),
-        "{}",
-        daemon.log()
-    );
-    assert!(
-        daemon.log().contains("killed by signal 9"),
-        "{}",
-        daemon.log()
-    );
+    daemon.kill_guest_and_wait(pid, "victim");
     drop(open);
     let again = int(&info(local(port)).unwrap()["pid"]);
     assert_ne!(again, pid);

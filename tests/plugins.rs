@@ -77,18 +77,7 @@ fn a_plugin_written_in_c_against_the_header_serves_clients_end_to_end() {
     );
 
     // Killed from outside: the C plugin's reaper thread reports it, once.
-    // SAFETY: kill has no memory-safety preconditions; the pid is the guest's.
-    unsafe { libc::kill(i32::try_from(pid).unwrap(), libc::SIGKILL) };
-    assert!(
-        daemon.wait_log("guest stopped unit=cweb", Duration::from_secs(10)),
-        "{}",
-        daemon.log()
-    );
-    assert!(
-        daemon.log().contains("killed by signal 9"),
-        "{}",
-        daemon.log()
-    );
+    daemon.kill_guest_and_wait(pid, "cweb");
     let again = info(local(port)).unwrap();
     assert_ne!(
         int(&again["pid"]),

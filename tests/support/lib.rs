@@ -508,3 +508,21 @@ impl Hammer {
         served
     }
 }
+
+impl Daemon {
+    /// SIGKILLs a guest from outside and waits until the daemon logged its stop
+    /// (`killed by signal 9`) for `unit`.
+    pub fn kill_guest_and_wait(&self, pid: i64, unit: &str) {
+        // SAFETY: kill has no memory-safety preconditions; the pid is the guest's.
+        unsafe { libc::kill(i32::try_from(pid).expect("pid fits"), libc::SIGKILL) };
+        assert!(
+            self.wait_log(
+                &format!("guest stopped unit={unit}"),
+                Duration::from_secs(10)
+            ),
+            "{}",
+            self.log()
+        );
+        assert!(self.log().contains("killed by signal 9"), "{}", self.log());
+    }
+}
