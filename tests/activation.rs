@@ -187,12 +187,7 @@ fn the_guest_sees_only_stdio_and_its_own_listeners() {
     // Start u0 and u2 so that other guests and worker threads exist too.
     info(SocketAddr::from(([127, 0, 0, 1], ports[0]))).unwrap();
     let report = info(SocketAddr::from(([127, 0, 0, 1], ports[2]))).unwrap();
-    let open: Vec<i64> = report["open_fds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(int)
-        .collect();
+    let open = portwake_tests::open_fds(&report);
     assert_eq!(
         open,
         [0, 1, 2, 3, 4],

@@ -301,24 +301,14 @@ fn fds_a_plugin_leaks_never_reach_another_guest() {
         .unwrap()
         .count();
     let own = info(local(leaky)).unwrap();
-    let open: Vec<i64> = own["open_fds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(int)
-        .collect();
+    let open = portwake_tests::open_fds(&own);
     assert_eq!(
         open,
         [0, 1, 2, 3],
         "not even the leaking plugin's own guest"
     );
     let other = info(local(ok)).unwrap();
-    let open: Vec<i64> = other["open_fds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(int)
-        .collect();
+    let open = portwake_tests::open_fds(&other);
     assert_eq!(
         open,
         [0, 1, 2, 3],

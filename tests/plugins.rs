@@ -56,12 +56,7 @@ fn a_plugin_written_in_c_against_the_header_serves_clients_end_to_end() {
     );
     assert_eq!(report["listen_fds"], "2");
     assert_eq!(report["listen_fdnames"], "http:api");
-    let open: Vec<i64> = report["open_fds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(int)
-        .collect();
+    let open = portwake_tests::open_fds(&report);
     assert_eq!(open, [0, 1, 2, 3, 4], "exactly stdio and its own listeners");
     let same = unix_info(UnixStream::connect(&sock).unwrap()).unwrap();
     assert_eq!(int(&same["pid"]), pid, "one guest serves both listeners");

@@ -526,3 +526,13 @@ impl Daemon {
         assert!(self.log().contains("killed by signal 9"), "{}", self.log());
     }
 }
+
+/// The fds the guest found open at its start, from its report.
+pub fn open_fds(report: &serde_json::Value) -> Vec<i64> {
+    report["open_fds"]
+        .as_array()
+        .expect("a guest report lists its open fds")
+        .iter()
+        .map(int)
+        .collect()
+}
