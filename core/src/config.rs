@@ -367,7 +367,7 @@ impl Validator<'_> {
 
     fn units(&mut self, raw: Vec<RawUnit>) -> Vec<UnitConfig> {
         let mut seen_names: HashMap<String, usize> = HashMap::new();
-        let mut seen_addresses: HashMap<(SocketKindKey, ListenAddress), String> = HashMap::new();
+        let mut seen_addresses: HashMap<(SocketKind, ListenAddress), String> = HashMap::new();
         let mut address_count: HashMap<String, usize> = HashMap::new();
         let mut units = Vec::with_capacity(raw.len());
         for unit in raw {
@@ -416,7 +416,7 @@ impl Validator<'_> {
                 else {
                     continue;
                 };
-                let key = (SocketKindKey::from(kind), listener.address.clone());
+                let key = (kind, listener.address.clone());
                 if let Some(other) = seen_addresses.get(&key) {
                     let message = format!(
                         "{} is already a listener of unit {other:?}",
@@ -652,24 +652,6 @@ impl Validator<'_> {
             named,
             position: lit.and_then(|(l, nth)| self.locator.locate(l, nth)),
         })
-    }
-}
-
-/// Hashable stand-in for `SocketKind` (TCP and UDP may share a port).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum SocketKindKey {
-    Stream,
-    Datagram,
-    SequentialPacket,
-}
-
-impl From<SocketKind> for SocketKindKey {
-    fn from(kind: SocketKind) -> Self {
-        match kind {
-            SocketKind::Stream => Self::Stream,
-            SocketKind::Datagram => Self::Datagram,
-            SocketKind::SequentialPacket => Self::SequentialPacket,
-        }
     }
 }
 

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::os::fd::{FromRawFd, OwnedFd};
 
+use portwake_plugin_api::SocketKind;
 use sd_notify::NotifyState;
 use tracing::{info, warn};
 
@@ -15,7 +16,7 @@ use crate::listener::BoundSocket;
 /// Sockets this process was started with, waiting to be claimed by address.
 #[derive(Debug, Default)]
 pub struct Inherited {
-    pool: HashMap<(&'static str, String), BoundSocket>,
+    pool: HashMap<(SocketKind, String), BoundSocket>,
 }
 
 impl Inherited {
@@ -35,7 +36,7 @@ impl Inherited {
             match BoundSocket::inherit(owned) {
                 Some((socket, kind, address)) => {
                     info!(fd, kind = kind_name(kind), %address, "inherited listener");
-                    pool.insert((kind_name(kind), address), socket);
+                    pool.insert((kind, address), socket);
                 }
                 None => warn!(fd, "inherited fd is not a socket; closed"),
             }
@@ -45,14 +46,13 @@ impl Inherited {
 
     /// The inherited socket for this listener, if there is one.
     pub fn claim(&mut self, config: &ListenerConfig) -> Option<BoundSocket> {
-        self.pool
-            .remove(&(kind_name(config.kind), BoundSocket::key(config)))
+        self.pool.remove(&(config.kind, BoundSocket::key(config)))
     }
 
     /// Closes what no listener claimed, saying so.
     pub fn release_unclaimed(&mut self) {
         for ((kind, address), _) in self.pool.drain() {
-            warn!(kind, %address, "inherited socket matches no listener in the config; closed");
+            warn!(kind = kind_name(kind), %address, "inherited socket matches no listener in the config; closed");
         }
     }
 }

@@ -58,7 +58,7 @@ pub struct GuestInfo {
 }
 
 /// Socket type of a listener, as systemd names them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SocketKind {
     /// `ListenStream=`: `SOCK_STREAM`.
     Stream,

@@ -19,7 +19,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{kind_name, Config, ListenerConfig, MismatchPolicy, UnitConfig};
+use crate::config::{Config, ListenerConfig, MismatchPolicy, UnitConfig};
 use crate::control::{self, error_reply, Request};
 use crate::guest_match;
 use crate::listener::{self, BoundSocket, ListenError};
@@ -103,7 +103,13 @@ pub enum DaemonError {
 }
 
 /// Sockets held by units, by socket type and address.
-type HeldSockets = HashMap<(&'static str, crate::address::ListenAddress), Listener>;
+type HeldSockets = HashMap<
+    (
+        portwake_plugin_api::SocketKind,
+        crate::address::ListenAddress,
+    ),
+    Listener,
+>;
 
 /// Command-line overrides of the config.
 #[derive(Debug, Clone, Default)]
@@ -439,7 +445,7 @@ impl Daemon {
         };
         let mut listeners = Vec::with_capacity(unit.listen.len());
         for config in &unit.listen {
-            let reusable = match held.get(&(kind_name(config.kind), config.address.clone())) {
+            let reusable = match held.get(&(config.kind, config.address.clone())) {
                 Some(h) => listener::reusable(&h.config, config)
                     .map_err(|message| DaemonError::Rebind {
                         unit: unit.name.clone(),
@@ -486,10 +492,7 @@ impl Daemon {
         for (_, unit) in self.live_units() {
             let pending = unit.pending.iter().flat_map(|p| p.listeners.iter());
             for l in unit.listeners.iter().chain(pending) {
-                held.insert(
-                    (kind_name(l.config.kind), l.config.address.clone()),
-                    l.clone(),
-                );
+                held.insert((l.config.kind, l.config.address.clone()), l.clone());
             }
         }
         held
