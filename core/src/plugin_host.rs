@@ -511,12 +511,8 @@ impl PluginInstance {
         }
     }
 
-    /// The plugin's name.
-    pub fn plugin_name(&self) -> &str {
-        self.library.name()
-    }
-
-    /// Starts a guest; blocks for as long as the plugin takes. Returns its pid, if any.
+    /// Starts a guest; blocks for as long as the plugin takes. Returns its pid and
+    /// handle, if any.
     pub fn activate(
         &self,
         unit: &str,
