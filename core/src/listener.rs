@@ -167,15 +167,19 @@ pub fn bind(config: &ListenerConfig) -> Result<BoundSocket, ListenError> {
         apply_ownership(path, config, &listener)?;
     }
     if config.kind != SocketKind::Datagram {
-        // i32::MAX asks for the kernel's cap (somaxconn), as systemd's default does.
-        let backlog = config
-            .backlog
-            .map_or(i32::MAX, |b| i32::try_from(b).unwrap_or(i32::MAX));
-        socket.listen(backlog).map_err(os("listen"))?;
+        socket.listen(backlog(config)).map_err(os("listen"))?;
     }
     Ok(BoundSocket {
         socket: socket.into(),
     })
+}
+
+/// The `listen()` backlog: as configured, else i32::MAX, which asks for the
+/// kernel's cap (somaxconn), as systemd's default does.
+fn backlog(config: &ListenerConfig) -> i32 {
+    config
+        .backlog
+        .map_or(i32::MAX, |b| i32::try_from(b).unwrap_or(i32::MAX))
 }
 
 fn socket_type(kind: SocketKind) -> Type {
@@ -341,19 +345,13 @@ impl BoundSocket {
     /// Applies what can change on a bound socket: backlog, and a unix file's mode and owner.
     pub fn adjust(&self, config: &ListenerConfig) -> Result<(), ListenError> {
         if config.kind != SocketKind::Datagram {
-            let backlog = config
-                .backlog
-                .map_or(i32::MAX, |b| i32::try_from(b).unwrap_or(i32::MAX));
-            nix::sys::socket::listen(
-                &self.socket,
-                nix::sys::socket::Backlog::new(backlog)
-                    .unwrap_or(nix::sys::socket::Backlog::MAXCONN),
-            )
-            .map_err(|e| ListenError::Os {
-                listener: config.describe(),
-                step: "listen",
-                source: io::Error::from(e),
-            })?;
+            socket2::SockRef::from(&self.socket)
+                .listen(backlog(config))
+                .map_err(|source| ListenError::Os {
+                    listener: config.describe(),
+                    step: "listen",
+                    source,
+                })?;
         }
         if let ListenAddress::Path(path) = &config.address {
             apply_ownership(path, config, &config.describe())?;
