@@ -385,6 +385,23 @@ def wrk(port, secs, conns, threads, cpu=None):
             "errors": (errors.group(1) if errors else "") + (f" non2xx {non2xx.group(1)}" if non2xx else "")}
 
 
+def wrk_together(ports, secs, conns, threads, cpu):
+    """Runs one wrk per port at the same time. Both servers share CPU time fairly, so
+    a contender that costs more per request serves fewer; drift of the machine hits
+    both alike and cancels in their ratio."""
+    out = {}
+
+    def one(port):
+        out[port] = wrk(port, secs, conns, threads, cpu)
+
+    runners = [threading.Thread(target=one, args=(port,)) for port in ports]
+    for t in runners:
+        t.start()
+    for t in runners:
+        t.join()
+    return [out[port] for port in ports]
+
+
 def sec_datapath(work, rounds, secs, conns, threads):
     somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
     p_pw, p_direct, p_proxy = free_port(), free_port(), free_port()
@@ -415,6 +432,7 @@ def sec_datapath(work, rounds, secs, conns, threads):
     daemon0 = proc_counters(d.proc.pid)
     res = {k: [] for k in ports}
     ratio = {"portwake": [], "proxyd": [], "direct2": []}
+    together = {"portwake": [], "direct2": []}
     names = list(ports)
     k = len(names)
     for i in range(rounds):
@@ -427,6 +445,9 @@ def sec_datapath(work, rounds, secs, conns, threads):
         ratio["portwake"].append(r["portwake"]["rps"] / r["direct"]["rps"])
         ratio["proxyd"].append(r["proxyd"]["rps"] / r["direct"]["rps"])
         ratio["direct2"].append(r["direct2"]["rps"] / r["direct"]["rps"])
+        for who in ("portwake", "direct2") if i % 2 else ("direct2", "portwake"):
+            a, b = wrk_together([ports[who], ports["direct"]], secs, conns, threads, client_cpu)
+            together[who].append(a["rps"] / b["rps"])
     daemon1 = proc_counters(d.proc.pid)
     end(proxy)
     end(direct)
@@ -443,10 +464,11 @@ def sec_datapath(work, rounds, secs, conns, threads):
             "portwake": agg("portwake"), "direct": agg("direct"), "proxyd": agg("proxyd"),
             "direct2": agg("direct2"), "ratio_direct2": spread(ratio["direct2"]),
             "ratio_portwake": spread(ratio["portwake"]), "ratio_proxyd": spread(ratio["proxyd"]),
+            "together_portwake": spread(together["portwake"]), "together_direct2": spread(together["direct2"]),
             "daemon_cpu_ms": (daemon1["cpu_ns"] - daemon0["cpu_ns"]) / 1e6,
             "daemon_runs": daemon1["runs"] - daemon0["runs"], "client_cpu": client_cpu,
             "server_cpus": sorted(server_cpus),
-            "load_s": rounds * len(names) * secs}
+            "load_s": rounds * (len(names) + 2) * secs}
 
 
 # ================================================================ 3. scale
