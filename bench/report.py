@@ -136,20 +136,22 @@ def render(res):
           "bound and registered. Peer: `bench/bindfloor.c`, a C program that reads the same addresses and "
           "only does socket + SO_REUSEADDR + bind + listen + epoll_ctl for each, the kernel's floor. "
           f"{x['rounds']} alternating rounds each. The idle window samples every daemon's threads "
-          "(`/proc/PID/task/*/schedstat` and `ctxt_switches`) with no client. **Dispatch** comes from a "
-          "second daemon at debug level: `loop` = its `client waiting` → `starting guest` log timestamps "
-          "(the event loop's work for a ready listener up to handing the plugin call to a worker); "
-          "`connect→start` = our `connect()` → `starting guest` (epoll wake-up included); `burst` = 20 "
-          "units connected at once, the daemon's time from the first `client waiting` to the last "
-          "`starting guest`; **first byte** = connect → first byte of the freshly started guest "
-          "(what a client sees; the probes use units of 5 listeners at every size).\n")
+          "(`/proc/PID/task/*/schedstat` and `ctxt_switches`) with no client. **Dispatch** is probed on a "
+          "second daemon (info log level) at random units: `dispatch` = the daemon's own measure, its "
+          "event loop waking for the ready listener → the plugin call beginning on its worker thread "
+          "(`dispatch_us` of the `guest started` event; the `portwake_dispatch_seconds` metric); "
+          "`connect→start` = our `connect()` → the `starting guest` log line (adds the handshake, the "
+          "kernel's epoll wake-up and a log write); `burst` = 20 units connected at once: the slowest "
+          "one's dispatch, and the span from the first to the last `starting guest`; **first byte** = "
+          "connect → first byte of the freshly started guest (what a client sees). The probes use units "
+          "of 5 listeners at every size.\n")
         notes = [r["note"] for r in x["sizes"] if r["note"]]
         for n in notes:
             w(f"> **Note:** {n}. The suite raises the soft limit to the hard limit; this machine gives "
               "no CAP_SYS_RESOURCE, so the hard limit cannot be raised. On a host where it can, the same "
               "command measures 50,000.\n")
         w("| listeners (units) | ready s (median, p10–p90) | floor s | ready / floor | RSS MiB | "
-          "floor RSS MiB | idle CPU ms | idle wakeups | dispatch loop µs | connect→start µs | burst of 20: daemon span ms | first byte ms |")
+          "floor RSS MiB | idle CPU ms | idle wakeups | dispatch µs | connect→start µs | burst of 20: slowest dispatch µs, span ms | first byte ms |")
         w("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in x["sizes"]:
             i = r["idle"]
@@ -157,13 +159,13 @@ def render(res):
               f"({f(r['ready_s']['p10'], 3)}–{f(r['ready_s']['p90'], 3)}) | {f(r['floor_ready_s']['median'], 3)} | "
               f"{f(r['ready_ratio']['median'], 1)} | {f(r['rss_kib'] / 1024, 1)} | {f(r['floor_rss_kib'] / 1024, 1)} | "
               f"{f(i['cpu_ms'], 1)} / {f(i['secs'], 0)} s | {i['switches']} ({f(i['switches'] / i['secs'], 2)}/s) | "
-              f"{f(r['dispatch_loop_us']['median'], 0)} (max {f(r['dispatch_loop_us']['max'], 0)}) | "
+              f"{f(r['dispatch_us']['median'], 0)} (max {f(r['dispatch_us']['max'], 0)}) | "
               f"{f(r['dispatch_connect_us']['median'], 0)} (max {f(r['dispatch_connect_us']['max'], 0)}) | "
-              f"{f(r['burst']['daemon_span_us'] / 1e3, 2)} | {f(r['first_byte_ms']['median'])} |")
+              f"{f(r['burst']['max_dispatch_us'], 0)}, {f(r['burst']['span_us'] / 1e3, 2)} | {f(r['first_byte_ms']['median'])} |")
         rows = x["sizes"]
         if len(rows) >= 2:
             w("\nGrowth between sizes (1.0 = linear; for dispatch, 1.0 = constant):\n")
-            w("| from → to | listeners × | ready time × per listener | floor × per listener | RSS above 1k, bytes per listener | dispatch loop × | connect→start × | first byte × |")
+            w("| from → to | listeners × | ready time × per listener | floor × per listener | RSS above 1k, bytes per listener | dispatch × | connect→start × | first byte × |")
             w("|---|---|---|---|---|---|---|---|")
             for a, b in zip(rows, rows[1:]):
                 k = b["listeners"] / a["listeners"]
@@ -171,7 +173,7 @@ def render(res):
                 fper = (b["floor_ready_s"]["median"] / b["listeners"]) / (a["floor_ready_s"]["median"] / a["listeners"])
                 bpl = (b["rss_kib"] - a["rss_kib"]) * 1024 / (b["listeners"] - a["listeners"])
                 w(f"| {a['listeners']:,} → {b['listeners']:,} | {f(k, 1)} | {f(per, 2)} | {f(fper, 2)} | "
-                  f"{f(bpl, 0)} | {f(b['dispatch_loop_us']['median'] / a['dispatch_loop_us']['median'], 2)} | "
+                  f"{f(bpl, 0)} | {f(b['dispatch_us']['median'] / a['dispatch_us']['median'], 2)} | "
                   f"{f(b['dispatch_connect_us']['median'] / a['dispatch_connect_us']['median'], 2)} | "
                   f"{f(b['first_byte_ms']['median'] / a['first_byte_ms']['median'], 2)} |")
         at10 = [r for r in rows if r["listeners"] == 10000]
@@ -196,12 +198,13 @@ def render(res):
                           f"ready time per listener × {f(per, 2)} (the bind-only floor's × {f(fper, 2)}: "
                           f"portwake above the kernel × {f(per / fper, 2)}); RSS {', '.join(f(x, 0) for x in steps)} "
                           "bytes per added listener", per / fper < 1.5 and mem_ok))
-            dl = b["dispatch_loop_us"]["median"] / a["dispatch_loop_us"]["median"]
+            dl = b["dispatch_us"]["median"] / a["dispatch_us"]["median"]
             dc = b["dispatch_connect_us"]["median"] / a["dispatch_connect_us"]["median"]
-            goals.append(("3", "dispatch O(1)",
-                          f"{f(a['dispatch_connect_us']['median'], 0)} µs at {a['listeners']:,} → "
-                          f"{f(b['dispatch_connect_us']['median'], 0)} µs at {b['listeners']:,} "
-                          f"(connect→start × {f(dc, 2)}, loop × {f(dl, 2)})", dc < 1.5 and dl < 1.5))
+            goals.append(("3", "dispatch O(1): readiness → plugin call",
+                          f"{f(a['dispatch_us']['median'], 0)} µs at {a['listeners']:,} → "
+                          f"{f(b['dispatch_us']['median'], 0)} µs at {b['listeners']:,} (× {f(dl, 2)}); "
+                          f"with the kernel's part, connect → start: {f(a['dispatch_connect_us']['median'], 0)} → "
+                          f"{f(b['dispatch_connect_us']['median'], 0)} µs (× {f(dc, 2)})", dl < 1.5))
             fb = b["first_byte_ms"]["median"] / a["first_byte_ms"]["median"]
             goals.append(("3*", "first byte of a fresh guest independent of the daemon's listener count "
                           "(not in the issue: what O(1) dispatch is for)",
@@ -273,6 +276,21 @@ def render(res):
         w(f"\nRatio of p99, herd / no herd: activation {f(x['fresh_herd_ms']['p99'] / x['fresh_base_ms']['p99'], 2)}, "
           f"running guest {f(x['running_herd_ms']['p99'] / x['running_base_ms']['p99'], 2)}. "
           f"Goal p99 < 5 ms: {yes(p99 < 5.0)}.\n")
+        if "slowest_herd" in x:
+            w("Where the slowest probes' time went (the slowest 1 % of activation probes, at least 3; median "
+              "of each part): **connect → plugin call** is the daemon's event loop (and the kernel waking it), "
+              "of which **dispatch** is the daemon's own measure from its wake-up; **spawn** is the `exec` "
+              "plugin's `activate` (clone, exec of the guest binary); **guest** is the guest starting up and "
+              "answering.\n")
+            w("| phase | probes | first byte ms | connect → plugin call ms | of it dispatch ms | spawn ms | guest ms |")
+            w("|---|---|---|---|---|---|---|")
+            for k, label in (("slowest_base", "no herd"), ("slowest_herd", "during herd")):
+                v = x[k]
+                w(f"| {label} | {v['n']} | {f(v['first_byte_ms'])} | {f(v['connect_to_call_ms'])} | "
+                  f"{f(v['dispatch_ms'], 3)} | {f(v['spawn_ms'])} | {f(v['guest_ms'])} |")
+            dh = x["dispatch_herd_ms"]
+            w(f"\nThe daemon's dispatch over all probes during the herd: median {f(dh['median'], 3)} ms, "
+              f"p99 {f(dh['p99'], 3)} ms (without the herd: p99 {f(x['dispatch_base_ms']['p99'], 3)} ms).\n")
         w(load_line(x))
 
     # ---------------------------------------------------------------- 6

@@ -518,9 +518,11 @@ def floor_run(addr_file):
 def probe_dispatch(d, units, k, burst, rng):
     """Sequential probes of k random units, then `burst` units at once, all units
     of 5 listeners (the same work per start at every size). The daemon's own
-    timestamps give readiness ("client waiting") to plugin call ("starting guest");
-    our connect() time gives the whole path, and the first byte of the fresh guest
-    what a client sees."""
+    measure (`dispatch_us` of `guest started`: the loop's wake-up for the ready
+    listener to the plugin call beginning on its worker) gives what is portwake's;
+    our connect() time to the `starting guest` log line adds the kernel's part (the
+    handshake and the epoll wake-up); the first byte of the fresh guest is what a
+    client sees."""
     five = [u for u in range(len(units)) if len(units[u]) == 5]
     seq = []
     for name in rng.sample(five, min(k, len(five))):
@@ -530,9 +532,9 @@ def probe_dispatch(d, units, k, burst, rng):
         t0 = time.time()
         fb = first_byte(*addr)
         d.tail.wait_count("guest stopped", unit, n + 1)
-        waiting = d.tail.find("client waiting", unit, t0)[0][0]
         starting = d.tail.find("starting guest", unit, t0)[0][0]
-        seq.append({"loop_us": (starting - waiting) * 1e6, "connect_to_start_us": (starting - t0) * 1e6,
+        started = d.tail.find("guest started", unit, t0)[0][3]
+        seq.append({"dispatch_us": started["dispatch_us"], "connect_to_start_us": (starting - t0) * 1e6,
                     "first_byte_ms": fb * 1e3})
     bursts = []
     for _ in range(3):
@@ -552,16 +554,18 @@ def probe_dispatch(d, units, k, burst, rng):
             while s.recv(4096):
                 pass
             s.close()
-        waiting, starting = [], []
+        starting, dispatch = [], []
         for name in chosen:
             d.tail.wait_count("guest stopped", f"u{name}", stopped0[name] + 1, timeout=10)
-            waiting.append(d.tail.find("client waiting", f"u{name}", t0)[0][0])
             starting.append(d.tail.find("starting guest", f"u{name}", t0)[0][0])
+            dispatch.append(d.tail.find("guest started", f"u{name}", t0)[0][3]["dispatch_us"])
         bursts.append({"connects_us": (t_last_connect - t0) * 1e6,
-                       "daemon_span_us": (max(starting) - min(waiting)) * 1e6})
+                       "span_us": (max(starting) - min(starting)) * 1e6,
+                       "max_dispatch_us": max(dispatch)})
         time.sleep(0.2)
     return seq, {"n": len(chosen), "connects_us": median([b["connects_us"] for b in bursts]),
-                 "daemon_span_us": median([b["daemon_span_us"] for b in bursts])}
+                 "span_us": median([b["span_us"] for b in bursts]),
+                 "max_dispatch_us": median([b["max_dispatch_us"] for b in bursts])}
 
 
 def sec_scale(work, sizes, rounds, idle_secs, probes, burst):
@@ -614,15 +618,15 @@ def sec_scale(work, sizes, rounds, idle_secs, probes, burst):
                      "runs": a["runs"] - b["runs"], "switches": a["switches"] - b["switches"],
                      "threads": a["threads"], "rss_kib": a["rss_kib"]}
         d.stop()
-    # Dispatch: a daemon at debug level, probed at random units.
+    # Dispatch: a daemon at info level, probed at random units.
     for idx, r in enumerate(results):
         units, ron, _ = scale_files(work, r["listeners"], 20 + idx)
-        d = Daemon(work, f"dispatch-{r['listeners']}", ron, level="debug")
+        d = Daemon(work, f"dispatch-{r['listeners']}", ron, level="info")
         d.wait_ready()
         time.sleep(0.3)
         seq, b = probe_dispatch(d, units, probes, burst, rng)
         d.stop()
-        r["dispatch_loop_us"] = spread([x["loop_us"] for x in seq])
+        r["dispatch_us"] = spread([x["dispatch_us"] for x in seq])
         r["dispatch_connect_us"] = spread([x["connect_to_start_us"] for x in seq])
         r["first_byte_ms"] = spread([x["first_byte_ms"] for x in seq])
         r["burst"] = b
@@ -746,21 +750,33 @@ def sec_herd(work, rounds, units, delay_ms, window):
     d.wait_ready()
     first_byte("127.0.0.1", p_run)  # the "running" unit's guest stays up
 
-    def probe_once(fresh, running):
+    def probe_once(fresh, running, parts=None):
         n = d.tail.count("guest stopped", "probe")
-        fresh.append(first_byte("127.0.0.1", p_probe))
+        t0 = time.time()
+        fb = first_byte("127.0.0.1", p_probe)
+        fresh.append(fb)
         d.tail.wait_count("guest stopped", "probe", n + 1)
+        if parts is not None:
+            # Where this probe's time went: the daemon (connect -> its plugin call,
+            # and its own dispatch share), the exec plugin's spawn, and the guest.
+            starting = d.tail.find("starting guest", "probe", t0)[0]
+            started = d.tail.find("guest started", "probe", t0)[0]
+            parts.append({"first_byte_ms": fb * 1e3, "connect_to_call_ms": (starting[0] - t0) * 1e3,
+                          "dispatch_ms": started[3]["dispatch_us"] / 1e3,
+                          "spawn_ms": (started[0] - starting[0]) * 1e3,
+                          "guest_ms": (t0 + fb - started[0]) * 1e3})
         running.append(first_byte("127.0.0.1", p_run))
 
     for _ in range(5):
         probe_once([], [])
     base_fresh, base_run, herd_fresh, herd_run, all_run, served = [], [], [], [], [], []
+    base_parts, herd_parts = [], []
     for r in range(rounds):
         for phase in (("base", "herd") if r % 2 == 0 else ("herd", "base")):
             if phase == "base":
                 t_end = time.time() + window
                 while time.time() < t_end:
-                    probe_once(base_fresh, base_run)
+                    probe_once(base_fresh, base_run, base_parts)
                 continue
             done0 = {i: d.tail.count("guest stopped", f"h{i}") for i in range(units)}
             out = {}
@@ -769,7 +785,7 @@ def sec_herd(work, rounds, units, delay_ms, window):
             th.start()
             deadline = t0 + 10
             while time.time() < deadline:
-                probe_once(herd_fresh, herd_run)
+                probe_once(herd_fresh, herd_run, herd_parts)
                 if len([e for e in d.tail.find("guest started", None, t0) if e[2].startswith("h")]) >= units:
                     break
             started = [e[0] for e in d.tail.find("guest started", None, t0) if e[2].startswith("h")]
@@ -781,7 +797,16 @@ def sec_herd(work, rounds, units, delay_ms, window):
             time.sleep(0.2)
     d.stop()
     ms = lambda xs: [x * 1e3 for x in xs]
-    return {"rounds": rounds, "units": units, "delay_ms": delay_ms,
+
+    def slowest(parts):
+        """The slowest 1 % of probes (at least 3): the median of each part of their time."""
+        worst = sorted(parts, key=lambda p: p["first_byte_ms"])[-max(3, len(parts) // 100):]
+        return {k: median([p[k] for p in worst]) for k in worst[0]} | {"n": len(worst)}
+
+    return {"slowest_base": slowest(base_parts), "slowest_herd": slowest(herd_parts),
+            "dispatch_herd_ms": spread([p["dispatch_ms"] for p in herd_parts]),
+            "dispatch_base_ms": spread([p["dispatch_ms"] for p in base_parts]),
+            "rounds": rounds, "units": units, "delay_ms": delay_ms,
             "all_running_s": spread(all_run), "served_min": min(served),
             "fresh_base_ms": spread(ms(base_fresh)), "fresh_herd_ms": spread(ms(herd_fresh)),
             "running_base_ms": spread(ms(base_run)), "running_herd_ms": spread(ms(herd_run))}

@@ -91,6 +91,28 @@ fn control_commands_start_stop_hold_and_report() {
         metrics.contains("portwake_activation_seconds_count{unit=\"web\"} 2"),
         "{metrics}"
     );
+    // Both starts were an admin's: nothing went through dispatch yet.
+    assert!(
+        metrics.contains("portwake_dispatch_seconds_count{unit=\"web\"} 0"),
+        "{metrics}"
+    );
+
+    // A client's start is timed from the loop's wake-up to the plugin call.
+    assert_eq!(daemon.ctl(&["stop", "web"]).0, 0);
+    assert!(wait_until(Duration::from_secs(5), || daemon
+        .unit_status("web")["state"]
+        == "listening"));
+    let answer = http_get(local(port), "/").unwrap();
+    assert!(answer.contains("hello from web"), "{answer}");
+    let (_, metrics) = daemon.ctl(&["status", "--prometheus"]);
+    assert!(
+        metrics.contains("portwake_dispatch_seconds_count{unit=\"web\"} 1"),
+        "{metrics}"
+    );
+    let dispatch = &daemon.unit_status("web")["dispatch_seconds"];
+    assert_eq!(dispatch["count"], 1, "{dispatch}");
+    let took = dispatch["sum"].as_f64().unwrap();
+    assert!(took > 0.0 && took < 1.0, "{dispatch}");
 }
 
 #[test]

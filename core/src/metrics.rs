@@ -2,10 +2,13 @@
 
 use std::fmt::Write;
 
-use crate::unit::{State, Unit, LATENCY_BUCKETS};
+use crate::unit::{Histogram, State, Unit};
 
 /// A counter: name, help text, and how to read it off a unit.
 type Counter = (&'static str, &'static str, fn(&Unit) -> u64);
+
+/// A histogram: name, help text, and which of a unit's histograms it is.
+type HistogramOf = (&'static str, &'static str, fn(&Unit) -> &Histogram);
 
 /// Renders every metric for `units`.
 pub fn render<'a>(units: impl Iterator<Item = &'a Unit> + Clone) -> String {
@@ -53,26 +56,37 @@ pub fn render<'a>(units: impl Iterator<Item = &'a Unit> + Clone) -> String {
             unit.config.name
         );
     }
-    let name = "portwake_activation_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Time from the first client to the plugin reporting the guest started.\n# TYPE {name} histogram"
-    );
-    for unit in units {
-        let label = &unit.config.name;
-        let mut cumulative = 0;
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(unit.stats.latency_buckets) {
-            cumulative += count;
+    let histograms: [HistogramOf; 2] = [
+        (
+            "portwake_activation_seconds",
+            "Time from the first client to the plugin reporting the guest started.",
+            |u| &u.stats.latency,
+        ),
+        (
+            "portwake_dispatch_seconds",
+            "Time from the event loop waking for a waiting client to the plugin call beginning.",
+            |u| &u.stats.dispatch,
+        ),
+    ];
+    for (name, help, histogram) in histograms {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for unit in units.clone() {
+            let label = &unit.config.name;
+            let h = histogram(unit);
+            let mut cumulative = 0;
+            for (bound, count) in h.bounds.iter().zip(&h.counts) {
+                cumulative += count;
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{unit=\"{label}\",le=\"{bound}\"}} {cumulative}"
+                );
+            }
             let _ = writeln!(
                 out,
-                "{name}_bucket{{unit=\"{label}\",le=\"{bound}\"}} {cumulative}"
+                "{name}_bucket{{unit=\"{label}\",le=\"+Inf\"}} {}\n{name}_sum{{unit=\"{label}\"}} {}\n{name}_count{{unit=\"{label}\"}} {}",
+                h.count, h.sum, h.count
             );
         }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{unit=\"{label}\",le=\"+Inf\"}} {}\n{name}_sum{{unit=\"{label}\"}} {}\n{name}_count{{unit=\"{label}\"}} {}",
-            unit.stats.latency_count, unit.stats.latency_sum, unit.stats.latency_count
-        );
     }
     out
 }

@@ -101,8 +101,50 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Upper bounds of the dispatch histogram (the loop's wake-up for a waiting client
+/// until the plugin call begins), in seconds.
+pub const DISPATCH_BUCKETS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.1,
+];
+
+/// A Prometheus-style histogram of durations.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, in seconds.
+    pub bounds: &'static [f64],
+    /// Observations per bucket (not cumulative; the exporter sums them up).
+    pub counts: Vec<u64>,
+    /// Sum of all observations in seconds.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+impl Histogram {
+    /// An empty histogram with these bucket bounds.
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&mut self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        if let Some(i) = self.bounds.iter().position(|&b| seconds <= b) {
+            self.counts[i] += 1;
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
 /// Counters kept across the unit's life (and reloads).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct UnitStats {
     /// Guest starts begun.
     pub activations: u64,
@@ -114,25 +156,28 @@ pub struct UnitStats {
     pub idle_stops: u64,
     /// The last failure: when, and the message.
     pub last_failure: Option<(SystemTime, String)>,
-    /// Activation latency: per-bucket counts (cumulative at export), sum, count.
-    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
-    /// Sum of activation latencies in seconds.
-    pub latency_sum: f64,
-    /// Number of activations measured.
-    pub latency_count: u64,
+    /// First client to the plugin reporting the guest started.
+    pub latency: Histogram,
+    /// The loop waking for a waiting client to the plugin call beginning: the
+    /// daemon's own share of an activation.
+    pub dispatch: Histogram,
+}
+
+impl Default for UnitStats {
+    fn default() -> Self {
+        Self {
+            activations: 0,
+            failures: 0,
+            backoffs: 0,
+            idle_stops: 0,
+            last_failure: None,
+            latency: Histogram::new(&LATENCY_BUCKETS),
+            dispatch: Histogram::new(&DISPATCH_BUCKETS),
+        }
+    }
 }
 
 impl UnitStats {
-    /// Records one activation's latency.
-    pub fn observe_latency(&mut self, took: Duration) {
-        let seconds = took.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| seconds <= b) {
-            self.latency_buckets[i] += 1;
-        }
-        self.latency_sum += seconds;
-        self.latency_count += 1;
-    }
-
     /// Records a failure.
     pub fn fail(&mut self, message: String) {
         self.failures += 1;
@@ -218,6 +263,16 @@ impl Unit {
         self.state = state;
     }
 
+    /// When the loop must act on this unit next: the end of its backoff, or the
+    /// activation timeout of its start.
+    pub fn deadline(&self) -> Option<Instant> {
+        match self.state {
+            State::Backoff { until } => Some(until),
+            State::Starting { since, .. } => Some(since + self.config.activate_timeout),
+            _ => None,
+        }
+    }
+
     /// Whether a guest is starting, running or stopping.
     pub fn has_guest(&self) -> bool {
         self.state.guest().is_some()
@@ -291,6 +346,8 @@ impl Unit {
             "failures": self.stats.failures,
             "backoffs": self.stats.backoffs,
             "idle_stops": self.stats.idle_stops,
+            "activation_seconds": { "count": self.stats.latency.count, "sum": self.stats.latency.sum },
+            "dispatch_seconds": { "count": self.stats.dispatch.count, "sum": self.stats.dispatch.sum },
             "last_failure": self.stats.last_failure.as_ref().map(|(at, message)| serde_json::json!({
                 "at_unix": at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 "error": message,

@@ -22,7 +22,7 @@ impl Daemon {
                     match self.unit(u).state {
                         State::Listening | State::Held | State::Backoff { .. } => {
                             info!(unit = %unit, "start requested");
-                            self.start(u, Instant::now(), false);
+                            self.start(u, Instant::now(), Trigger::Admin);
                         }
                         _ => {
                             let unit = self.unit_mut(u);

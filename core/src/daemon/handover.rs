@@ -97,6 +97,7 @@ impl Daemon {
                         since: Instant::now(),
                     });
                     unit.last_busy = Instant::now();
+                    self.schedule_idle_check(u);
                 }
                 Err(AdoptFailure::Gone) => {
                     info!(unit = %running.unit, guest = running.guest, "the guest ended during the restart; listening");
@@ -106,6 +107,5 @@ impl Daemon {
                 }
             }
         }
-        self.schedule_idle_check();
     }
 }

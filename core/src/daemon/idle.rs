@@ -3,17 +3,13 @@
 use super::*;
 
 impl Daemon {
-    pub(super) fn schedule_idle_check(&mut self) {
-        let shortest = self
-            .live_units()
-            .filter(|(_, u)| matches!(u.state, State::Running { .. }))
-            .filter_map(|(_, u)| u.config.idle_stop)
-            .min();
-        self.next_idle_check = shortest.map(|idle| {
-            let period = (idle / 10).clamp(IDLE_CHECK_MIN, IDLE_CHECK_MAX);
-            let next = Instant::now() + period;
-            self.next_idle_check.map_or(next, |t| t.min(next))
-        });
+    /// Makes sure an idle check comes in time for the unit's guest, just started
+    /// (a look at one unit: a guest's stop needs none, the next check sees it).
+    pub(super) fn schedule_idle_check(&mut self, u: usize) {
+        if let Some(idle) = self.unit(u).config.idle_stop {
+            let next = Instant::now() + (idle / 10).clamp(IDLE_CHECK_MIN, IDLE_CHECK_MAX);
+            self.next_idle_check = Some(self.next_idle_check.map_or(next, |t| t.min(next)));
+        }
     }
 
     /// Stops running guests whose stream listeners have had no connection for
@@ -34,11 +30,13 @@ impl Daemon {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "cannot count connections (sock_diag); idle stop skipped this round");
-                self.schedule_idle_check();
+                for u in candidates {
+                    self.schedule_idle_check(u);
+                }
                 return;
             }
         };
-        for u in candidates {
+        for &u in &candidates {
             let unit = self.unit_mut(u);
             let open: usize = unit
                 .listeners
@@ -63,7 +61,11 @@ impl Daemon {
                 self.stop(u, guest, AfterStop::Listen);
             }
         }
-        self.schedule_idle_check();
+        for u in candidates {
+            if matches!(self.unit(u).state, State::Running { .. }) {
+                self.schedule_idle_check(u);
+            }
+        }
     }
 }
 

@@ -35,6 +35,7 @@ use crate::supervisor::{self, Inherited};
 use crate::unit::{AfterStop, Listener, Prepared, State, Unit};
 
 mod commands;
+mod deadlines;
 mod handover;
 mod idle;
 mod reload;
@@ -124,6 +125,8 @@ enum LoopEvent {
     Activated {
         unit: usize,
         guest: u64,
+        /// For a client's start: the loop's wake-up to the plugin call.
+        dispatch: Option<Duration>,
         result: Result<Started, PluginError>,
     },
     Stopped {
@@ -137,6 +140,15 @@ enum LoopEvent {
         exit: GuestExit,
     },
     Control(control::Pending),
+}
+
+/// What asked for a guest to start.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    /// A client is waiting; the loop woke for it at `woke`. The trigger limit applies.
+    Client { woke: Instant },
+    /// An admin's `portwake start`; it does not count against the trigger limit.
+    Admin,
 }
 
 /// Sends events to the loop from any thread.
@@ -205,6 +217,8 @@ pub struct Daemon {
     notifier: Arc<Notifier>,
     signals: Signals,
     next_guest: u64,
+    /// Backoff ends and activation timeouts, earliest first.
+    deadlines: deadlines::Deadlines,
     /// Set once a stop signal came: the time by which the daemon exits regardless.
     shutdown_deadline: Option<Instant>,
     next_idle_check: Option<Instant>,
@@ -274,6 +288,7 @@ impl Daemon {
             notifier,
             signals,
             next_guest: 1,
+            deadlines: deadlines::Deadlines::default(),
             shutdown_deadline: None,
             next_idle_check: None,
             restart_requested: None,
@@ -320,6 +335,7 @@ impl Daemon {
                     source,
                 });
             }
+            let woke = Instant::now();
             for event in &events {
                 match event.token() {
                     WAKER => self.drain_inbox(),
@@ -329,12 +345,11 @@ impl Daemon {
                             return Ok(());
                         }
                     }
-                    Token(t) => self.listener_ready(t),
+                    Token(t) => self.listener_ready(t, woke),
                 }
             }
             let now = Instant::now();
-            self.expire_backoffs(now);
-            self.expire_starts(now);
+            self.expire_deadlines(now);
             if self.next_idle_check.is_some_and(|t| t <= now) {
                 self.check_idle(now);
             }
@@ -517,13 +532,18 @@ impl Daemon {
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
-        self.live_units()
-            .filter_map(|(_, u)| match u.state {
-                State::Backoff { until } => Some(until),
-                State::Starting { since, .. } => Some(since + u.config.activate_timeout),
-                _ => None,
-            })
+    /// Notes the unit's deadline (after a state change that sets one).
+    fn schedule_deadline(&mut self, u: usize) {
+        if let Some(when) = self.unit(u).deadline() {
+            self.deadlines.push(when, u);
+        }
+    }
+
+    fn next_deadline(&mut self) -> Option<Instant> {
+        let units = &self.units;
+        self.deadlines
+            .next(|u| units.get(u)?.as_ref()?.deadline())
+            .into_iter()
             .chain(self.shutdown_deadline)
             .chain(self.next_idle_check)
             .chain(
@@ -533,7 +553,8 @@ impl Daemon {
             .min()
     }
 
-    fn listener_ready(&mut self, token: usize) {
+    /// A listener the loop woke for at `woke` is ready: a client is waiting.
+    fn listener_ready(&mut self, token: usize, woke: Instant) {
         let Some(Some((u, l))) = self.tokens.get(token).copied() else {
             return;
         };
@@ -554,14 +575,13 @@ impl Daemon {
                 return;
             }
             debug!(unit = %unit.config.name, listener = %listener.config.describe(), "client waiting");
-            self.start(u, Instant::now(), true);
+            self.start(u, Instant::now(), Trigger::Client { woke });
         }
     }
 
-    /// Starts the unit's guest; `guarded` applies the trigger limit (an admin's
-    /// explicit start does not count against it).
-    fn start(&mut self, u: usize, now: Instant, guarded: bool) {
-        if guarded {
+    /// Starts the unit's guest.
+    fn start(&mut self, u: usize, now: Instant, trigger: Trigger) {
+        if let Trigger::Client { .. } = trigger {
             if let Err(backoff) = self.unit_mut(u).guard.try_start(now) {
                 let unit = self.unit(u);
                 let limit = unit.config.trigger_limit;
@@ -583,6 +603,8 @@ impl Daemon {
         unit.stop_requested = false;
         unit.stats.activations += 1;
         info!(unit = %unit.config.name, guest, activation = unit.stats.activations, "starting guest");
+        self.schedule_deadline(u);
+        let unit = self.unit(u);
         let config = Arc::clone(&unit.config);
         let sockets: Vec<(Arc<BoundSocket>, ListenerConfig)> = unit
             .listeners
@@ -599,10 +621,15 @@ impl Daemon {
                     name: &listener.name,
                 })
                 .collect();
+            let dispatch = match trigger {
+                Trigger::Client { woke } => Some(woke.elapsed()),
+                Trigger::Admin => None,
+            };
             let result = plugin.activate(&config.name, guest, &fds, &config.env);
             notifier.send(LoopEvent::Activated {
                 unit: u,
                 guest,
+                dispatch,
                 result,
             });
         });
@@ -644,8 +671,9 @@ impl Daemon {
                 LoopEvent::Activated {
                     unit,
                     guest,
+                    dispatch,
                     result,
-                } => self.activated(unit, guest, result),
+                } => self.activated(unit, guest, dispatch, result),
                 LoopEvent::Stopped {
                     unit,
                     guest,
@@ -671,10 +699,19 @@ impl Daemon {
         }
     }
 
-    fn activated(&mut self, u: usize, guest: u64, result: Result<Started, PluginError>) {
+    fn activated(
+        &mut self,
+        u: usize,
+        guest: u64,
+        dispatch: Option<Duration>,
+        result: Result<Started, PluginError>,
+    ) {
         let Some(unit) = self.units[u].as_mut() else {
             return;
         };
+        if let Some(dispatch) = dispatch {
+            unit.stats.dispatch.observe(dispatch);
+        }
         let starting = match unit.state {
             State::Starting {
                 guest: starting,
@@ -702,8 +739,10 @@ impl Daemon {
             Ok(started) => {
                 let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
                 let pid = started.pid;
-                info!(unit = %name, guest, pid = pid.unwrap_or(0), took_ms, "guest started");
-                unit.stats.observe_latency(took);
+                let dispatch_us =
+                    dispatch.map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+                info!(unit = %name, guest, pid = pid.unwrap_or(0), took_ms, dispatch_us, "guest started");
+                unit.stats.latency.observe(took);
                 unit.guest_handle = started.handle;
                 unit.set_state(State::Running {
                     guest,
@@ -712,7 +751,7 @@ impl Daemon {
                 });
                 unit.last_busy = Instant::now();
                 unit.was_busy = false;
-                self.schedule_idle_check();
+                self.schedule_idle_check(u);
                 if let Some(exit) = exited {
                     self.guest_exited(u, guest, exit);
                 } else if self.shutdown_deadline.is_some() {
@@ -778,7 +817,6 @@ impl Daemon {
         if self.shutdown_deadline.is_none() {
             self.guest_gone(u);
         }
-        self.schedule_idle_check();
     }
 
     /// The guest is gone: apply a pending reload, then listen, hold or close as asked.
@@ -815,48 +853,44 @@ impl Daemon {
             delay_ms = u64::try_from(backoff.delay.as_millis()).unwrap_or(u64::MAX),
             "backing off before listening again"
         );
+        self.schedule_deadline(u);
     }
 
-    fn expire_backoffs(&mut self, now: Instant) {
-        if self.shutdown_deadline.is_some() {
-            return;
-        }
-        let due: Vec<usize> = self
-            .live_units()
-            .filter(|(_, u)| matches!(u.state, State::Backoff { until } if until <= now))
-            .map(|(i, _)| i)
-            .collect();
+    /// Acts on every unit whose deadline has come: a backoff over listens again, a
+    /// start overdue is given up.
+    fn expire_deadlines(&mut self, now: Instant) {
+        let units = &self.units;
+        let due = self
+            .deadlines
+            .take_due(now, |u| units.get(u)?.as_ref()?.deadline());
         for u in due {
-            info!(unit = %self.unit(u).config.name, "backoff over; listening again");
-            self.listen_again(u);
+            match self.unit(u).state {
+                State::Backoff { .. } if self.shutdown_deadline.is_none() => {
+                    info!(unit = %self.unit(u).config.name, "backoff over; listening again");
+                    self.listen_again(u);
+                }
+                State::Starting { .. } => self.abandon_start(u, now),
+                _ => {}
+            }
         }
     }
 
-    /// Fails starts whose plugin call has not returned within `activate_timeout`.
+    /// Fails a start whose plugin call has not returned within `activate_timeout`.
     /// The worker thread is abandoned; should it return after all, the guest it
     /// started is stopped (see `activated`).
-    fn expire_starts(&mut self, now: Instant) {
-        let overdue: Vec<usize> = self
-            .live_units()
-            .filter(|(_, u)| {
-                matches!(u.state, State::Starting { since, .. } if now >= since + u.config.activate_timeout)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        for u in overdue {
-            let unit = self.unit_mut(u);
-            let timeout = unit.config.activate_timeout;
-            let guest = unit.state.guest().unwrap_or(0);
-            error!(unit = %unit.config.name, guest, timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), "activation timed out: the plugin's activate call did not return; abandoning it");
-            unit.stats.fail(format!(
-                "activation timed out after {}",
-                humantime::format_duration(timeout)
-            ));
-            let backoff = unit.guard.start_failed();
-            unit.set_state(State::Listening);
-            if self.shutdown_deadline.is_none() {
-                self.enter_backoff(u, backoff, now);
-            }
+    fn abandon_start(&mut self, u: usize, now: Instant) {
+        let unit = self.unit_mut(u);
+        let timeout = unit.config.activate_timeout;
+        let guest = unit.state.guest().unwrap_or(0);
+        error!(unit = %unit.config.name, guest, timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX), "activation timed out: the plugin's activate call did not return; abandoning it");
+        unit.stats.fail(format!(
+            "activation timed out after {}",
+            humantime::format_duration(timeout)
+        ));
+        let backoff = unit.guard.start_failed();
+        unit.set_state(State::Listening);
+        if self.shutdown_deadline.is_none() {
+            self.enter_backoff(u, backoff, now);
         }
     }
 
