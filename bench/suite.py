@@ -515,57 +515,51 @@ def floor_run(addr_file):
     return took, rss
 
 
-def probe_dispatch(d, units, k, burst, rng):
-    """Sequential probes of k random units, then `burst` units at once, all units
-    of 5 listeners (the same work per start at every size). The daemon's own
-    measure (`dispatch_us` of `guest started`: the loop's wake-up for the ready
-    listener to the plugin call beginning on its worker) gives what is portwake's;
-    our connect() time to the `starting guest` log line adds the kernel's part (the
-    handshake and the epoll wake-up); the first byte of the fresh guest is what a
-    client sees."""
+def probe_one(d, units, rng):
+    """One activation of a random unit of 5 listeners (the same work per start at
+    every size). The daemon's own measure (`dispatch_us` of `guest started`: the
+    loop's wake-up for the ready listener to the plugin call beginning on its
+    worker) gives what is portwake's; our connect() time to the `starting guest`
+    log line adds the kernel's part (the handshake and the epoll wake-up); the
+    first byte of the fresh guest is what a client sees."""
+    name = rng.choice([u for u in range(len(units)) if len(units[u]) == 5])
+    addr = rng.choice(units[name])
+    unit = f"u{name}"
+    n = d.tail.count("guest stopped", unit)
+    t0 = time.time()
+    fb = first_byte(*addr)
+    d.tail.wait_count("guest stopped", unit, n + 1)
+    starting = d.tail.find("starting guest", unit, t0)[0][0]
+    started = d.tail.find("guest started", unit, t0)[0][3]
+    return {"dispatch_us": started["dispatch_us"], "connect_to_start_us": (starting - t0) * 1e6,
+            "first_byte_ms": fb * 1e3}
+
+
+def burst_one(d, units, burst, rng):
+    """`burst` units of 5 listeners connected at once: the slowest one's dispatch,
+    and the daemon's span from the first to the last `starting guest`."""
     five = [u for u in range(len(units)) if len(units[u]) == 5]
-    seq = []
-    for name in rng.sample(five, min(k, len(five))):
-        addr = rng.choice(units[name])
-        unit = f"u{name}"
-        n = d.tail.count("guest stopped", unit)
-        t0 = time.time()
-        fb = first_byte(*addr)
-        d.tail.wait_count("guest stopped", unit, n + 1)
-        starting = d.tail.find("starting guest", unit, t0)[0][0]
-        started = d.tail.find("guest started", unit, t0)[0][3]
-        seq.append({"dispatch_us": started["dispatch_us"], "connect_to_start_us": (starting - t0) * 1e6,
-                    "first_byte_ms": fb * 1e3})
-    bursts = []
-    for _ in range(3):
-        chosen = rng.sample(five, min(burst, len(five)))
-        stopped0 = {name: d.tail.count("guest stopped", f"u{name}") for name in chosen}
-        socks = []
-        t0 = time.time()
-        for name in chosen:
-            s = socket.socket()
-            s.connect(units[name][0])
-            socks.append(s)
-        t_last_connect = time.time()
-        for s in socks:
-            s.sendall(HTTP_GET)
-        for s in socks:
-            s.settimeout(10)
-            while s.recv(4096):
-                pass
-            s.close()
-        starting, dispatch = [], []
-        for name in chosen:
-            d.tail.wait_count("guest stopped", f"u{name}", stopped0[name] + 1, timeout=10)
-            starting.append(d.tail.find("starting guest", f"u{name}", t0)[0][0])
-            dispatch.append(d.tail.find("guest started", f"u{name}", t0)[0][3]["dispatch_us"])
-        bursts.append({"connects_us": (t_last_connect - t0) * 1e6,
-                       "span_us": (max(starting) - min(starting)) * 1e6,
-                       "max_dispatch_us": max(dispatch)})
-        time.sleep(0.2)
-    return seq, {"n": len(chosen), "connects_us": median([b["connects_us"] for b in bursts]),
-                 "span_us": median([b["span_us"] for b in bursts]),
-                 "max_dispatch_us": median([b["max_dispatch_us"] for b in bursts])}
+    chosen = rng.sample(five, min(burst, len(five)))
+    stopped0 = {name: d.tail.count("guest stopped", f"u{name}") for name in chosen}
+    socks = []
+    t0 = time.time()
+    for name in chosen:
+        s = socket.socket()
+        s.connect(units[name][0])
+        socks.append(s)
+    for s in socks:
+        s.sendall(HTTP_GET)
+    for s in socks:
+        s.settimeout(10)
+        while s.recv(4096):
+            pass
+        s.close()
+    starting, dispatch = [], []
+    for name in chosen:
+        d.tail.wait_count("guest stopped", f"u{name}", stopped0[name] + 1, timeout=10)
+        starting.append(d.tail.find("starting guest", f"u{name}", t0)[0][0])
+        dispatch.append(d.tail.find("guest started", f"u{name}", t0)[0][3]["dispatch_us"])
+    return {"n": len(chosen), "span_us": (max(starting) - min(starting)) * 1e6, "max_dispatch_us": max(dispatch)}
 
 
 def sec_scale(work, sizes, rounds, idle_secs, probes, burst):
@@ -618,18 +612,32 @@ def sec_scale(work, sizes, rounds, idle_secs, probes, burst):
                      "runs": a["runs"] - b["runs"], "switches": a["switches"] - b["switches"],
                      "threads": a["threads"], "rss_kib": a["rss_kib"]}
         d.stop()
-    # Dispatch: a daemon at info level, probed at random units.
+    # Dispatch: one daemon per size (info log level), all up at once and probed in
+    # turn, so drift over the run cannot pass for growth with the listener count.
+    daemons = []
     for idx, r in enumerate(results):
         units, ron, _ = scale_files(work, r["listeners"], 20 + idx)
         d = Daemon(work, f"dispatch-{r['listeners']}", ron, level="info")
         d.wait_ready()
-        time.sleep(0.3)
-        seq, b = probe_dispatch(d, units, probes, burst, rng)
+        daemons.append((d, units))
+    time.sleep(0.3)
+    seqs = [[] for _ in results]
+    bursts = [[] for _ in results]
+    order = list(range(len(results)))
+    for i in range(probes):
+        for idx in (order if i % 2 == 0 else order[::-1]):
+            seqs[idx].append(probe_one(*daemons[idx], rng))
+    for i in range(3):
+        for idx in (order if i % 2 == 0 else order[::-1]):
+            bursts[idx].append(burst_one(*daemons[idx], burst, rng))
+            time.sleep(0.2)
+    for (d, _), r, seq, b in zip(daemons, results, seqs, bursts):
         d.stop()
         r["dispatch_us"] = spread([x["dispatch_us"] for x in seq])
         r["dispatch_connect_us"] = spread([x["connect_to_start_us"] for x in seq])
         r["first_byte_ms"] = spread([x["first_byte_ms"] for x in seq])
-        r["burst"] = b
+        r["burst"] = {"n": b[0]["n"], "span_us": median([x["span_us"] for x in b]),
+                      "max_dispatch_us": median([x["max_dispatch_us"] for x in b])}
     return {"rounds": rounds, "fd_limit": limit, "sizes": results}
 
 
@@ -889,7 +897,7 @@ def main():
     plan = {
         "latency": lambda: sec_latency(work, R(150, 10)),
         "datapath": lambda: sec_datapath(work, R(12, 4), 2, 8, 1),
-        "scale": lambda: sec_scale(work, sizes, R(3, 1), idle, R(30, 8), 20),
+        "scale": lambda: sec_scale(work, sizes, R(3, 1), idle, R(60, 15), 20),
         "burst": lambda: sec_burst(work, R(2, 1), 1000, 500, [128, 512, 1024], 10.0),
         "herd": lambda: sec_herd(work, R(4, 2), 200, 1000, 1.5),
         "engines": lambda: sec_engines(600),
