@@ -327,21 +327,21 @@ def render(res):
         "listeners with `pidfd_getfd` ([bench/README.md](bench/README.md) F3), which measured 0.95–1.02; "
         "what remains of a miss in a run is this machine's noise against `systemd-socket-activate`, which "
         "execs in place.",
-        "data path": "the daemon used no CPU during the load (below), so it is not on the path; compare the "
-        "ratio with the A/A control of the same run, which shows this machine's resolution.",
-        "bind all": "see README F1, F2 (two O(N²) steps at start-up, fixed in 971a915).",
-        "cost linear": "see README F1, F2 (two O(N²) steps at start-up, fixed in 971a915).",
-        "first byte of a fresh guest": "each spawn copies the daemon's whole fd table into the child, "
-        "which closed all of it at exec (README F3); the clone/pidfd_getfd spawn now used measured "
-        "1.5 / 1.7 / 1.6 ms at 1,000 / 10,000 / 19,000 listeners.",
-        "dispatch": "each `fork()` write-protects the daemon's memory, so the event-loop thread takes ~20 "
-        "copy-on-write faults per activation, more pages at more listeners (README F3); per-event scans "
-        "over all units add to it (F4).",
-        "all running": "forks of a daemon with 200 worker threads serialise on its `mmap_lock` (README F3); "
-        "the clone/pidfd_getfd spawn now used measured 1.14–1.24 s.",
-        "first byte p99": "200 guests starting at once on 2 cores (README K1): the kernel schedules "
-        "them, and a guest already running sees the same tail; the spawn no longer queues behind the "
-        "herd's (F3).",
+        "data path": "the daemon used no CPU and was never scheduled during the load (section 2), so it is "
+        "not on the path; read the ratio against the A/A control of the same run, which is this "
+        "machine's resolution (README K5).",
+        "bind all": "see README F1, F2 (two O(N²) steps at start-up, fixed).",
+        "cost linear": "see README F1, F2 (two O(N²) steps at start-up, fixed).",
+        "first byte of a fresh guest": "compare with the dispatch row: the daemon's share is the "
+        "dispatch; the rest is the kernel spawning and the guest starting (README F3, K5).",
+        "dispatch": "the per-wake-up scans over all units are gone (README F4); what varies between "
+        "sizes in a run is scheduling on this 2-core machine (README K5): the daemons of all sizes are "
+        "probed in turn, so drift hits each alike.",
+        "all running": "see README F3 (forks of a daemon with 200 worker threads serialised on its "
+        "`mmap_lock`; fixed by the clone/pidfd_getfd spawn).",
+        "first byte p99": "see the breakdown under section 5: in the slowest probes the daemon's "
+        "dispatch is a fraction of a millisecond; the time goes to spawning the guest while 200 other "
+        "guests are spawned on 2 cores (README K1), the kernel's scheduling.",
         "cold-start burst": "the backlog: see section 4 (README K2).",
     }
     missed = [(item, goal) for item, goal, _, ok in goals if not ok]
