@@ -540,9 +540,8 @@ impl Daemon {
     }
 
     fn next_deadline(&mut self) -> Option<Instant> {
-        let units = &self.units;
         self.deadlines
-            .next(|u| units.get(u)?.as_ref()?.deadline())
+            .next(current_deadline(&self.units))
             .into_iter()
             .chain(self.shutdown_deadline)
             .chain(self.next_idle_check)
@@ -859,10 +858,7 @@ impl Daemon {
     /// Acts on every unit whose deadline has come: a backoff over listens again, a
     /// start overdue is given up.
     fn expire_deadlines(&mut self, now: Instant) {
-        let units = &self.units;
-        let due = self
-            .deadlines
-            .take_due(now, |u| units.get(u)?.as_ref()?.deadline());
+        let due = self.deadlines.take_due(now, current_deadline(&self.units));
         for u in due {
             match self.unit(u).state {
                 State::Backoff { .. } if self.shutdown_deadline.is_none() => {
@@ -1027,6 +1023,11 @@ impl Daemon {
             }
         }
     }
+}
+
+/// A unit slot's deadline as of now (none once the slot is empty), for `Deadlines`.
+fn current_deadline(units: &[Option<Unit>]) -> impl Fn(usize) -> Option<Instant> + '_ {
+    |u| units.get(u)?.as_ref()?.deadline()
 }
 
 /// The unit with its listeners in its guest's fd order, if it names guest units;
