@@ -119,6 +119,13 @@ def _proc_stat():
     return (user + nice + system) / hz, steal / hz
 
 
+def process_cpu_s(pid):
+    """CPU seconds of a process's own threads, exited ones included (/proc/PID/stat
+    utime + stime; its children's are not in it)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _own_cpu():
     s = resource.getrusage(resource.RUSAGE_SELF)
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -765,20 +772,19 @@ def sec_herd(work, rounds, units, delay_ms, window):
         fresh.append(fb)
         d.tail.wait_count("guest stopped", "probe", n + 1)
         if parts is not None:
-            # Where this probe's time went: the daemon (connect -> its plugin call,
-            # and its own dispatch share), the exec plugin's spawn, and the guest.
+            # Where this probe's time went: the daemon (connect -> hand-off to a
+            # worker, and its own dispatch measure), then the worker, spawn and guest.
             starting = d.tail.find("starting guest", "probe", t0)[0]
             started = d.tail.find("guest started", "probe", t0)[0]
-            parts.append({"first_byte_ms": fb * 1e3, "connect_to_call_ms": (starting[0] - t0) * 1e3,
+            parts.append({"first_byte_ms": fb * 1e3, "connect_to_handoff_ms": (starting[0] - t0) * 1e3,
                           "dispatch_ms": started[3]["dispatch_us"] / 1e3,
-                          "spawn_ms": (started[0] - starting[0]) * 1e3,
-                          "guest_ms": (t0 + fb - started[0]) * 1e3})
+                          "handoff_to_first_byte_ms": (t0 + fb - starting[0]) * 1e3})
         running.append(first_byte("127.0.0.1", p_run))
 
     for _ in range(5):
         probe_once([], [])
     base_fresh, base_run, herd_fresh, herd_run, all_run, served = [], [], [], [], [], []
-    base_parts, herd_parts = [], []
+    base_parts, herd_parts, herd_cpu = [], [], []
     for r in range(rounds):
         for phase in (("base", "herd") if r % 2 == 0 else ("herd", "base")):
             if phase == "base":
@@ -788,6 +794,7 @@ def sec_herd(work, rounds, units, delay_ms, window):
                 continue
             done0 = {i: d.tail.count("guest stopped", f"h{i}") for i in range(units)}
             out = {}
+            machine0, daemon0 = _proc_stat()[0], process_cpu_s(d.proc.pid)
             t0 = time.time()
             th = threading.Thread(target=_herd_clients, args=(addrs, out))
             th.start()
@@ -802,6 +809,8 @@ def sec_herd(work, rounds, units, delay_ms, window):
             served.append(out.get("served", 0))
             for i in range(units):
                 d.tail.wait_count("guest stopped", f"h{i}", done0[i] + 1, timeout=15)
+            herd_cpu.append({"wall_s": time.time() - t0, "machine_s": _proc_stat()[0] - machine0,
+                             "daemon_s": process_cpu_s(d.proc.pid) - daemon0})
             time.sleep(0.2)
     d.stop()
     ms = lambda xs: [x * 1e3 for x in xs]
@@ -812,6 +821,7 @@ def sec_herd(work, rounds, units, delay_ms, window):
         return {k: median([p[k] for p in worst]) for k in worst[0]} | {"n": len(worst)}
 
     return {"slowest_base": slowest(base_parts), "slowest_herd": slowest(herd_parts),
+            "herd_cpu": {k: median([c[k] for c in herd_cpu]) for k in herd_cpu[0]},
             "dispatch_herd_ms": spread([p["dispatch_ms"] for p in herd_parts]),
             "dispatch_base_ms": spread([p["dispatch_ms"] for p in base_parts]),
             "rounds": rounds, "units": units, "delay_ms": delay_ms,
