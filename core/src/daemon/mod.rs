@@ -39,6 +39,7 @@ mod deadlines;
 mod handover;
 mod idle;
 mod reload;
+mod workers;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -219,6 +220,8 @@ pub struct Daemon {
     next_guest: u64,
     /// Backoff ends and activation timeouts, earliest first.
     deadlines: deadlines::Deadlines,
+    /// Threads for plugin calls.
+    workers: workers::Workers,
     /// Set once a stop signal came: the time by which the daemon exits regardless.
     shutdown_deadline: Option<Instant>,
     next_idle_check: Option<Instant>,
@@ -289,6 +292,7 @@ impl Daemon {
             signals,
             next_guest: 1,
             deadlines: deadlines::Deadlines::default(),
+            workers: workers::Workers::default(),
             shutdown_deadline: None,
             next_idle_check: None,
             restart_requested: None,
@@ -656,10 +660,9 @@ impl Daemon {
         });
     }
 
-    /// Runs a plugin call on its own thread; calls are rare and may block for long.
+    /// Runs a plugin call on a thread of its own (see `workers`): it may block for long.
     fn spawn_worker(&self, u: usize, call: &str, work: impl FnOnce() + Send + 'static) {
-        let name = format!("{call}-{}", self.unit(u).config.name);
-        if let Err(e) = std::thread::Builder::new().name(name).spawn(work) {
+        if let Err(e) = self.workers.run(work) {
             error!(unit = %self.unit(u).config.name, error = %e, call, "cannot spawn a worker thread");
         }
     }
