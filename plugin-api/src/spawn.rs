@@ -230,6 +230,12 @@ impl GuestProcess {
         }
     }
 
+    /// A child this plugin started by other means (say `std::process::Command`), so
+    /// that its [`handle`](Self::handle) can name it across a live restart.
+    pub fn of_child(pid: i32) -> Self {
+        Self { pid, group: false }
+    }
+
     /// A handle naming this process for `adopt`: its pid and kernel start time, so a
     /// recycled pid is never mistaken for the guest.
     pub fn handle(&self) -> Option<String> {

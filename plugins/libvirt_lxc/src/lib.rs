@@ -27,6 +27,10 @@
 //! Stop detection: a `virsh event --loop --event lifecycle` watcher per guest,
 //! with a `virsh domstate` check every few seconds as a safety net (and whenever
 //! the watcher itself ends).
+//!
+//! Live restart (`portwake restart`): libvirtd keeps the domain running with its
+//! listeners; the new daemon image adopts it (ends the old image's event listener,
+//! named by the guest's handle, and watches the domain again).
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -39,9 +43,10 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use portwake_plugin_api::{
-    export_plugin, Activation, GuestCommand, GuestExit, GuestId, GuestInfo, Host, LogLevel, Plugin,
+    export_plugin, Activation, AdoptError, GuestCommand, GuestExit, GuestId, GuestInfo,
+    GuestProcess, Host, LogLevel, Plugin,
 };
-use portwake_plugin_support::{run, GuestSlot, GuestTable};
+use portwake_plugin_support::{reap_handle_zombie, run, GuestSlot, GuestTable};
 use serde::Deserialize;
 
 /// How long a short virsh call (domstate, destroy, shutdown) may take.
@@ -256,16 +261,7 @@ impl Plugin for LibvirtPlugin {
     fn activate(&self, activation: &Activation<'_>) -> Result<GuestInfo, String> {
         let c = &self.config;
         // Listen for lifecycle events before starting, so no stop goes unseen.
-        let events = Command::new(&c.virsh)
-            .args(["-c", &c.uri, "event", "--loop", "--event", "lifecycle"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("{} event: {e}", c.virsh))?;
-        let slot = Arc::new(GuestSlot::new(Domain {
-            events: Mutex::new(Some(events)),
-        }));
+        let slot = Arc::new(GuestSlot::new(self.listen_for_events()?));
         if let Err(e) = self.start_domain(activation) {
             end_events(&slot.data);
             return Err(e);
@@ -274,38 +270,56 @@ impl Plugin for LibvirtPlugin {
             LogLevel::Info,
             &format!("started libvirt domain {} ({})", c.domain, c.uri),
         );
-        self.guests.insert(activation.guest, Arc::clone(&slot));
-        let (id, host, guests, config) = (
-            activation.guest,
-            self.host,
-            self.guests.clone(),
-            Arc::clone(&self.config),
-        );
-        let spawned = std::thread::Builder::new()
-            .name(format!("libvirt-watch-{}", c.domain))
-            .spawn(move || {
-                let (exit, how) = watch(&config, &slot.data);
-                end_events(&slot.data);
-                host.log(
-                    LogLevel::Info,
-                    &format!("libvirt domain {} stopped: {how}", config.domain),
-                );
-                slot.set_exited(exit);
-                guests.remove(id);
-                host.guest_stopped(id, exit);
-            });
-        if let Err(e) = spawned {
-            let _ = run(
-                &self.config.virsh(&["destroy", &self.config.domain]),
-                VIRSH_TIMEOUT,
-            );
-            self.guests.remove(activation.guest);
-            return Err(format!("spawning the watcher thread: {e}"));
+        match self.watch(activation.guest, slot) {
+            Ok(handle) => Ok(GuestInfo { pid: None, handle }),
+            Err(e) => {
+                let _ = run(&c.virsh(&["destroy", &c.domain]), VIRSH_TIMEOUT);
+                Err(e)
+            }
         }
-        Ok(GuestInfo {
-            pid: None,
-            handle: None,
-        })
+    }
+
+    /// Takes over a domain a previous image of the daemon started (libvirtd keeps it
+    /// running and holding its listeners across the restart): ends that image's
+    /// event listener, which the handle names, and watches the domain anew.
+    fn adopt(&self, guest: GuestId, handle: &str) -> Result<GuestInfo, AdoptError> {
+        let c = &self.config;
+        if handle.split_once(" domain=").map(|(_, d)| d) != Some(c.domain.as_str()) {
+            return Err(AdoptError::Failed(format!(
+                "handle {handle:?} is not for domain {}",
+                c.domain
+            )));
+        }
+        // Its reader went with the old image; it is still our child: end and reap it.
+        match GuestProcess::from_handle(handle) {
+            Ok(Some(old)) => {
+                let _ = old.signal(Signal::SIGTERM as i32);
+                let _ = old.wait();
+            }
+            _ => {
+                reap_handle_zombie(handle);
+            }
+        }
+        let slot = Arc::new(GuestSlot::new(
+            self.listen_for_events().map_err(AdoptError::Failed)?,
+        ));
+        if let Some(state) = stopped_state(c) {
+            end_events(&slot.data);
+            self.host.log(
+                LogLevel::Info,
+                &format!(
+                    "libvirt domain {} ended during the restart ({state})",
+                    c.domain
+                ),
+            );
+            return Err(AdoptError::Gone);
+        }
+        self.host.log(
+            LogLevel::Info,
+            &format!("adopted libvirt domain {} ({})", c.domain, c.uri),
+        );
+        let handle = self.watch(guest, slot).map_err(AdoptError::Failed)?;
+        Ok(GuestInfo { pid: None, handle })
     }
 
     fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
@@ -348,6 +362,63 @@ impl Plugin for LibvirtPlugin {
 }
 
 impl LibvirtPlugin {
+    /// Starts `virsh event --loop` for the domain's lifecycle events.
+    fn listen_for_events(&self) -> Result<Domain, String> {
+        let c = &self.config;
+        let events = Command::new(&c.virsh)
+            .args(["-c", &c.uri, "event", "--loop", "--event", "lifecycle"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{} event: {e}", c.virsh))?;
+        Ok(Domain {
+            events: Mutex::new(Some(events)),
+        })
+    }
+
+    /// Records the running domain as `guest` and watches it on a thread of its own
+    /// until it stops, then reports that. Returns the guest's handle for `adopt`:
+    /// the event listener (a child of the daemon) and the domain's name.
+    fn watch(
+        &self,
+        guest: GuestId,
+        slot: Arc<GuestSlot<Domain>>,
+    ) -> Result<Option<String>, String> {
+        let events_pid = slot
+            .data
+            .events
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .and_then(|child| i32::try_from(child.id()).ok());
+        let handle = events_pid
+            .and_then(|pid| GuestProcess::of_child(pid).handle())
+            .map(|events| format!("{events} domain={}", self.config.domain));
+        self.guests.insert(guest, Arc::clone(&slot));
+        let (host, guests, config) = (self.host, self.guests.clone(), Arc::clone(&self.config));
+        let spawned = std::thread::Builder::new()
+            .name(format!("libvirt-watch-{}", config.domain))
+            .spawn(move || {
+                let (exit, how) = watch(&config, &slot.data);
+                end_events(&slot.data);
+                host.log(
+                    LogLevel::Info,
+                    &format!("libvirt domain {} stopped: {how}", config.domain),
+                );
+                slot.set_exited(exit);
+                guests.remove(guest);
+                host.guest_stopped(guest, exit);
+            });
+        if let Err(e) = spawned {
+            if let Some(slot) = self.guests.remove(guest) {
+                end_events(&slot.data);
+            }
+            return Err(format!("spawning the watcher thread: {e}"));
+        }
+        Ok(handle)
+    }
+
     /// `virsh start --pass-fds` (or `create --pass-fds` from the transient
     /// definition), run as the guest command so the fds are 3, 4, … in virsh.
     fn start_domain(&self, activation: &Activation<'_>) -> Result<(), String> {

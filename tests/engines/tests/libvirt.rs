@@ -169,10 +169,12 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
     );
     let mut daemon = Daemon::start(libvirtd.dir(), &config);
 
-    for (unit, domain, ports, names) in [
+    let units = [
         ("defined", &defined, [d1, d2], ["web", "api"]),
         ("transient", &transient, [t1, t2], ["www", "admin"]),
-    ] {
+    ];
+    let mut namespaces = Vec::new();
+    for (unit, domain, ports, names) in units {
         let (ns, first_byte) = check_served(unit, ports, names);
         report(
             "libvirt_lxc",
@@ -205,7 +207,8 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
             again,
         );
         assert_eq!(libvirtd.domstate(domain), "running");
-        let _ = (ns, ns2); // namespace inodes may be reused; the restart shows in the log
+        let _ = ns; // namespace inodes may be reused; the restart shows in the log
+        namespaces.push(ns2);
     }
     assert_eq!(
         daemon.log().matches("started libvirt domain").count(),
@@ -213,6 +216,49 @@ fn libvirt_lxc_defined_and_transient_domains_reactivate() {
         "{}",
         daemon.log()
     );
+
+    // Live restart: libvirtd keeps both domains running with their listeners; the
+    // new daemon image adopts them and they keep serving from the same containers.
+    let listeners_before = daemon.children();
+    let took = daemon.live_restart();
+    report(
+        "libvirt_lxc",
+        "live restart (portwake restart returned)",
+        took,
+    );
+    daemon.wait_log("adopted a running guest", 2, Duration::from_secs(10));
+    for ((unit, domain, ports, names), ns) in units.into_iter().zip(&namespaces) {
+        let (ns_after, after) = check_served(unit, ports, names);
+        report(
+            "libvirt_lxc",
+            &format!("first byte after live restart (adopted {unit} domain)"),
+            after,
+        );
+        assert_eq!(&ns_after, ns, "{unit}: another container after the restart");
+        assert_eq!(libvirtd.domstate(domain), "running");
+    }
+    assert_eq!(
+        daemon.log().matches("started libvirt domain").count(),
+        4,
+        "a domain was started again instead of adopted:\n{}",
+        daemon.log()
+    );
+    // The old image's event listeners (its children, whose readers went with it)
+    // are ended and reaped: the daemon's children are the two new listeners.
+    let listeners_after = daemon.children();
+    assert_eq!(listeners_after.len(), 2, "{listeners_after:?}");
+    for pid in &listeners_after {
+        assert!(
+            !listeners_before.contains(pid),
+            "{pid} outlived the restart"
+        );
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(
+            !stat.contains(") Z ") && cmdline.contains("event"),
+            "child {pid}: {stat} {cmdline:?}"
+        );
+    }
 
     // A failing `virsh start` (no such domain): virsh's own message reaches the
     // daemon's log with the activation error.
