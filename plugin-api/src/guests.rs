@@ -2,38 +2,18 @@
 //! engine's foreground process such as `systemd-nspawn` or `crun run`): spawn it,
 //! reap it on a thread of its own, report its exit once, and stop it on request.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::sdk::{Activation, AdoptError, GuestExit, GuestId, GuestInfo, Host, LogLevel};
+use crate::sdk::{Activation, AdoptError, GuestId, GuestInfo, Host, LogLevel};
 use crate::spawn::{GuestCommand, GuestProcess};
-
-/// A running guest process and the record of its exit, filled by its reaper thread.
-#[derive(Debug)]
-struct Guest {
-    process: GuestProcess,
-    exit: Mutex<Option<GuestExit>>,
-    exited: Condvar,
-}
-
-impl Guest {
-    /// Waits up to `timeout` for the reaper thread to have reaped the guest.
-    fn wait_exited(&self, timeout: Duration) -> bool {
-        let exit = self.exit.lock().unwrap_or_else(PoisonError::into_inner);
-        let (exit, _) = self
-            .exited
-            .wait_timeout_while(exit, timeout, |e| e.is_none())
-            .unwrap_or_else(PoisonError::into_inner);
-        exit.is_some()
-    }
-}
+use crate::table::{GuestSlot, GuestTable};
 
 /// The guest processes of one plugin instance.
 #[derive(Debug)]
 pub struct ProcessGuests {
     host: Host,
-    guests: Arc<Mutex<HashMap<GuestId, Arc<Guest>>>>,
+    guests: GuestTable<GuestProcess>,
 }
 
 impl ProcessGuests {
@@ -41,7 +21,7 @@ impl ProcessGuests {
     pub fn new(host: Host) -> Self {
         Self {
             host,
-            guests: Arc::default(),
+            guests: GuestTable::default(),
         }
     }
 
@@ -67,28 +47,20 @@ impl ProcessGuests {
     }
 
     fn watch(&self, id: GuestId, process: GuestProcess) -> Result<GuestInfo, String> {
-        let guest = Arc::new(Guest {
-            process,
-            exit: Mutex::new(None),
-            exited: Condvar::new(),
-        });
-        self.lock().insert(id, Arc::clone(&guest));
+        let guest = Arc::new(GuestSlot::new(process));
+        self.guests.insert(id, Arc::clone(&guest));
         self.host.log(
             LogLevel::Debug,
             &format!("watching pid {} for guest {id}", process.pid),
         );
-        let (host, guests) = (self.host, Arc::clone(&self.guests));
+        let (host, guests) = (self.host, self.guests.clone());
         std::thread::Builder::new()
             .name(format!("reap-{}", process.pid))
             .spawn(move || {
-                let exit = guest.process.wait();
-                let _ = guest.process.signal(libc::SIGKILL);
-                *guest.exit.lock().unwrap_or_else(PoisonError::into_inner) = Some(exit);
-                guest.exited.notify_all();
-                guests
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
+                let exit = guest.data.wait();
+                let _ = guest.data.signal(libc::SIGKILL);
+                guest.set_exited(exit);
+                guests.remove(id);
                 host.guest_stopped(id, exit);
             })
             .map_err(|e| format!("spawning the reaper thread: {e}"))?;
@@ -101,28 +73,21 @@ impl ProcessGuests {
     /// SIGTERM, then SIGKILL after `timeout`; returns once the guest is reaped.
     /// A guest that is already gone is fine: its exit is (being) reported.
     pub fn stop(&self, guest: GuestId, timeout: Duration) -> Result<(), String> {
-        let Some(guest) = self.lock().get(&guest).cloned() else {
+        let Some(guest) = self.guests.get(guest) else {
             return Ok(());
         };
         if guest
-            .process
+            .data
             .terminate(timeout, |left| guest.wait_exited(left))
         {
             Ok(())
         } else {
-            Err(format!(
-                "pid {} did not exit after SIGKILL",
-                guest.process.pid
-            ))
+            Err(format!("pid {} did not exit after SIGKILL", guest.data.pid))
         }
     }
 
     /// The pid of a running guest.
     pub fn pid(&self, guest: GuestId) -> Option<i32> {
-        self.lock().get(&guest).map(|g| g.process.pid)
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<GuestId, Arc<Guest>>> {
-        self.guests.lock().unwrap_or_else(PoisonError::into_inner)
+        self.guests.get(guest).map(|g| g.data.pid)
     }
 }

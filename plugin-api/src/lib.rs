@@ -4,6 +4,7 @@
 //!   header under `include/` is generated from them.
 //! - [`sdk`]: the [`Plugin`](sdk::Plugin) trait and the [`export_plugin!`] macro.
 //! - [`guests`]: spawn, reap, report and stop guest processes for a plugin.
+//! - [`table`]: the running guests of a plugin instance and the record of each end.
 //! - [`spawn`]: start a guest process with exactly its listeners at fd 3, 4, … and
 //!   the `LISTEN_*` environment, as systemd does.
 
@@ -14,6 +15,7 @@ pub mod options;
 pub mod sdk;
 pub mod spawn;
 mod sys;
+pub mod table;
 
 pub use guests::ProcessGuests;
 pub use sdk::{
@@ -21,3 +23,4 @@ pub use sdk::{
     SocketKind,
 };
 pub use spawn::{GuestCommand, GuestProcess, SpawnError};
+pub use table::{GuestSlot, GuestTable};

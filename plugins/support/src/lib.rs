@@ -1,7 +1,8 @@
 //! Helpers shared by portwake's container plugins (`nspawn`, `oci`, `libvirt_lxc`).
 //!
 //! - [`GuestTable`] / [`GuestSlot`]: the per-unit table of running guests and the
-//!   record of each one's end, as the `exec` plugin keeps them.
+//!   record of each one's end (from the SDK, `portwake_plugin_api::table`, where
+//!   `ProcessGuests` keeps its guests in them too).
 //! - [`CgroupScope`]: a cgroup of a guest's own in the named `systemd` and the
 //!   unified hierarchies, so that whatever an engine leaves behind there
 //!   (nspawn's `payload/` and `supervisor/`) can be killed and removed.
@@ -9,11 +10,10 @@
 
 mod cgroup;
 mod command;
-mod table;
 
 pub use cgroup::CgroupScope;
 pub use command::{run, CommandOutput};
-pub use table::{GuestSlot, GuestTable};
+pub use portwake_plugin_api::{GuestSlot, GuestTable};
 
 /// Makes `text` safe as one path component or object name: letters, digits,
 /// `-`, `_` and `.` are kept, anything else becomes `_`.

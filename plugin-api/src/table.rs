@@ -1,8 +1,11 @@
+//! The guests of one plugin instance, by the host's id, each with the record of its
+//! end: what every plugin that watches its guests on threads of its own keeps.
+
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use portwake_plugin_api::{GuestExit, GuestId};
+use crate::sdk::{GuestExit, GuestId};
 
 /// One started guest: plugin-specific data `T` and the record of its end, filled
 /// by the thread that watches it.
