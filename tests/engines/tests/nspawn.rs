@@ -192,6 +192,42 @@ fn nspawn_prerequisites(test: &str) -> bool {
     )
 }
 
+/// Starts portwake; whatever happens, no cgroup of its guests stays behind. Returns
+/// the daemon and the name prefix of its guests' cgroups.
+fn start_daemon(dir: &Path, config: &str) -> (Daemon, String) {
+    let mut daemon = Daemon::start(dir, config);
+    let scope_prefix = format!("portwake-nspawn.{}.", daemon.pid);
+    let prefix = scope_prefix.clone();
+    daemon.cleanup_after(move || {
+        for dir in cgroups_named(&prefix) {
+            remove_cgroup_tree(&dir);
+        }
+    });
+    (daemon, scope_prefix)
+}
+
+/// The guest is gone without a trace: no nspawn left as the daemon's child, no
+/// guest cgroup.
+fn assert_guest_gone(daemon: &Daemon, scope_prefix: &str) {
+    assert!(
+        wait_for(Duration::from_secs(10), || daemon
+            .children()
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "nspawn still running: {:?}",
+        daemon.children()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || cgroups_named(scope_prefix)
+            .is_empty()
+            .then_some(()))
+        .is_some(),
+        "guest cgroups left: {:?}",
+        cgroups_named(scope_prefix)
+    );
+}
+
 #[test]
 fn nspawn_systemd_guest_ssh_and_second_service_reactivate() {
     let guest = guest_dir();
@@ -271,14 +307,7 @@ fn nspawn_systemd_guest_ssh_and_second_service_reactivate() {
         "one problem expected: {out}"
     );
 
-    let mut daemon = Daemon::start(tmp.path(), &config);
-    // Whatever happens: nothing of this daemon's guests stays behind.
-    let scope_prefix = format!("portwake-nspawn.{}.", daemon.pid);
-    daemon.cleanup_after(move || {
-        for dir in cgroups_named(&scope_prefix) {
-            remove_cgroup_tree(&dir);
-        }
-    });
+    let (mut daemon, scope_prefix) = start_daemon(tmp.path(), &config);
     let ssh_addr: SocketAddr = ([127, 0, 0, 1], ssh_port).into();
     let hello_addr: SocketAddr = ([127, 0, 0, 1], hello_port).into();
 
@@ -336,20 +365,7 @@ fn nspawn_systemd_guest_ssh_and_second_service_reactivate() {
         "stop (poweroff inside -> guest stopped reported)",
         t.elapsed(),
     );
-    assert!(
-        wait_for(Duration::from_secs(10), || daemon
-            .children()
-            .is_empty()
-            .then_some(()))
-        .is_some(),
-        "nspawn still running: {:?}",
-        daemon.children()
-    );
-    assert!(
-        cgroups_named(&format!("portwake-nspawn.{}.", daemon.pid)).is_empty(),
-        "guest cgroups left: {:?}",
-        cgroups_named("portwake-nspawn.")
-    );
+    assert_guest_gone(&daemon, &scope_prefix);
 
     // 5. Both ports work again: the hello port boots a new container first …
     let hello2 = exchange(hello_addr, b"", None, Duration::from_secs(60)).expect("hello again");
@@ -382,7 +398,7 @@ fn nspawn_systemd_guest_ssh_and_second_service_reactivate() {
         daemon.log()
     );
     assert!(
-        cgroups_named(&format!("portwake-nspawn.{}.", daemon.pid)).is_empty(),
+        cgroups_named(&scope_prefix).is_empty(),
         "guest cgroups left after stop"
     );
     assert!(
@@ -414,14 +430,7 @@ fn nspawn_guest_survives_live_restart() {
     let (units, args) = guest_units(tmp.path(), ssh_port, hello_port);
     let machine = format!("pwtest-r-{}", std::process::id());
     let config = nspawn_config(&guest, &machine, &args, &units, ssh_port, hello_port);
-    let mut daemon = Daemon::start(tmp.path(), &config);
-    let scope_prefix = format!("portwake-nspawn.{}.", daemon.pid);
-    let prefix = scope_prefix.clone();
-    daemon.cleanup_after(move || {
-        for dir in cgroups_named(&prefix) {
-            remove_cgroup_tree(&dir);
-        }
-    });
+    let (mut daemon, scope_prefix) = start_daemon(tmp.path(), &config);
     let hello_addr: SocketAddr = ([127, 0, 0, 1], hello_port).into();
     let hello = || {
         let reply =
@@ -476,23 +485,7 @@ fn nspawn_guest_survives_live_restart() {
         "stop after live restart (portwake stop)",
         t.elapsed(),
     );
-    assert!(
-        wait_for(Duration::from_secs(10), || daemon
-            .children()
-            .is_empty()
-            .then_some(()))
-        .is_some(),
-        "nspawn still running: {:?}",
-        daemon.children()
-    );
-    assert!(
-        wait_for(Duration::from_secs(10), || cgroups_named(&scope_prefix)
-            .is_empty()
-            .then_some(()))
-        .is_some(),
-        "guest cgroups left: {:?}",
-        cgroups_named(&scope_prefix)
-    );
+    assert_guest_gone(&daemon, &scope_prefix);
 
     // Listening again: the next connection boots a new container.
     hello();
