@@ -200,6 +200,86 @@ pub fn hello_info(
     Ok((json, reply))
 }
 
+/// What [`served_from_container`] found.
+#[derive(Debug)]
+pub struct Served {
+    /// The guest's `/info`, from the first listener.
+    pub info: serde_json::Value,
+    /// The container's pid namespace.
+    pub ns: String,
+    /// The first connection's time from before `connect` to the first byte.
+    pub total: Duration,
+    /// The container init's fds and their targets, seen from the host.
+    pub host_view: Vec<(i32, String)>,
+}
+
+/// Both listeners of a unit (`ports`, named `names` in LISTEN_FDNAMES) answer from
+/// one container's init (pid 1 of a pid namespace other than the host's), which
+/// was handed exactly two fds and holds stdio and those two listeners at 3 and 4,
+/// nothing of the daemon's (another unit's listeners, the control socket, epoll).
+pub fn served_from_container(
+    who: &str,
+    ports: [u16; 2],
+    names: [&str; 2],
+    timeout: Duration,
+) -> Served {
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let (info, reply) = hello_info(addr(ports[0]), timeout)
+        .unwrap_or_else(|e| panic!("{who}: first connection: {e}"));
+    let ns = info["pid_namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_ne!(
+        ns,
+        host_pid_namespace(),
+        "{who}: served from the host's pid namespace"
+    );
+    assert_eq!(
+        info["pid"], 1,
+        "{who}: not served by the container's init: {info}"
+    );
+    assert_eq!(info["listen_fds"], "2", "{who}: {info}");
+    assert_eq!(info["served_name"], names[0], "{who}: {info}");
+    assert_eq!(
+        info["open_fds"],
+        serde_json::json!([0, 1, 2, 3, 4]),
+        "{who}: the guest's fds at start: {info}"
+    );
+    let listeners: Vec<String> = info["sockets"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| format!("{} {}", s["fd"], s["address"].as_str().unwrap_or("?")))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(
+        listeners,
+        [
+            format!("3 127.0.0.1:{}", ports[0]),
+            format!("4 127.0.0.1:{}", ports[1])
+        ],
+        "{who}: fds 3 and 4 are not the unit's listeners: {info}"
+    );
+    let host_view = init_fds_of_namespace(&ns);
+    eprintln!("{who}: the container init's fds, seen from the host: {host_view:?}");
+    let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{who}: second listener: {e}"));
+    assert_eq!(
+        second["pid_namespace"],
+        ns.as_str(),
+        "{who}: second listener, other container: {second}"
+    );
+    assert_eq!(second["served_name"], names[1], "{who}: {second}");
+    Served {
+        info,
+        ns,
+        total: reply.total,
+        host_view,
+    }
+}
+
 /// This process's pid namespace, as `/proc/self/ns/pid` names it.
 pub fn host_pid_namespace() -> String {
     std::fs::read_link("/proc/self/ns/pid")

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use portwake_engine_tests::libvirtd::{Libvirtd, LXC_CONTROLLER, LXC_DRIVER};
 use portwake_engine_tests::{
-    bin_dir, free_port, hello_info, host_pid_namespace, init_fds_of_namespace, prerequisites,
-    report, Daemon,
+    bin_dir, free_port, prerequisites, report, served_from_container, Daemon,
 };
 
 fn domain_xml(name: &str, initenv: &str) -> String {
@@ -27,53 +26,14 @@ fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-/// Both listeners of a unit answer from one container, not from the host.
+/// Both listeners of a unit answer from one container, not from the host; returns
+/// its pid namespace and the first connection's time to first byte.
 fn check_served(unit: &str, ports: [u16; 2], names: [&str; 2]) -> (String, Duration) {
-    let (first, reply) = hello_info(addr(ports[0]), Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{unit}: first connection: {e}"));
-    let ns = first["pid_namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert_ne!(
-        ns,
-        host_pid_namespace(),
-        "{unit}: served from the host's pid namespace"
-    );
-    assert_eq!(
-        first["pid"], 1,
-        "{unit}: not served by the container's init: {first}"
-    );
-    assert_eq!(first["listen_fds"], "2", "{unit}: {first}");
-    assert_eq!(first["served_name"], names[0], "{unit}: {first}");
-    // fd isolation, with another unit (and its domain's listeners) in the same
-    // daemon: the console on 0-2 and the domain's own two listeners, nothing of
-    // the daemon's. libvirt (9.0, `<console type='pty'/>`) renumbers the passed
-    // fds to 3, 4 and closes the rest: the stray console fd 5 seen earlier on
-    // these machines does not appear, so the exact list is asserted.
-    assert_eq!(
-        first["open_fds"],
-        serde_json::json!([0, 1, 2, 3, 4]),
-        "{unit}: the guest's fds at start: {first}"
-    );
-    let sockets: Vec<String> = first["sockets"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| format!("{} {}", s["fd"], s["address"].as_str().unwrap_or("?")))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert_eq!(
-        sockets,
-        [
-            format!("3 127.0.0.1:{}", ports[0]),
-            format!("4 127.0.0.1:{}", ports[1])
-        ],
-        "{unit}: fds 3 and 4 are not the unit's listeners: {first}"
-    );
-    let host_view = init_fds_of_namespace(&ns);
-    eprintln!("{unit}: the domain init's fds, seen from the host: {host_view:?}");
+    let served = served_from_container(unit, ports, names, Duration::from_secs(30));
+    // libvirt (9.0, `<console type='pty'/>`) renumbers the passed fds to 3, 4 and
+    // closes the rest: the stray console fd 5 seen earlier on these machines does
+    // not appear. 0-2 are the console.
+    let host_view = &served.host_view;
     assert!(
         host_view.len() == 5
             && host_view[..3]
@@ -81,15 +41,7 @@ fn check_served(unit: &str, ports: [u16; 2], names: [&str; 2]) -> (String, Durat
                 .all(|(_, target)| target.starts_with("/dev/pts/")),
         "{unit}: 0-2 should be the console pty: {host_view:?}"
     );
-    let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{unit}: second listener: {e}"));
-    assert_eq!(
-        second["pid_namespace"],
-        ns.as_str(),
-        "{unit}: second listener, other container"
-    );
-    assert_eq!(second["served_name"], names[1], "{unit}: {second}");
-    (ns, reply.total)
+    (served.ns, served.total)
 }
 
 #[test]

@@ -10,75 +10,33 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use portwake_engine_tests::{
-    bin_dir, cgroups_named, free_port, hello_info, hello_rootfs, host_pid_namespace,
-    hybrid_wrapped, init_fds_of_namespace, prerequisites, remove_cgroup_tree, report, run_status,
-    unmount_under, Daemon,
+    bin_dir, cgroups_named, free_port, hello_info, hello_rootfs, hybrid_wrapped, prerequisites,
+    remove_cgroup_tree, report, run_status, served_from_container, unmount_under, Daemon,
 };
 
 fn addr(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
-/// `"FD ADDRESS"` of each listener hello-guest reported.
-fn own_listeners(info: &serde_json::Value) -> Vec<String> {
-    info["sockets"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|s| format!("{} {}", s["fd"], s["address"].as_str().unwrap_or("?")))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Both listeners served from one container; returns its pid namespace and the
 /// first connection's time to first byte.
 fn check_served(engine: &str, ports: [u16; 2]) -> (String, Duration) {
-    let (first, reply) = hello_info(addr(ports[0]), Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{engine}: first connection: {e}"));
-    let ns = first["pid_namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
-    assert_ne!(
-        ns,
-        host_pid_namespace(),
-        "{engine}: served from the host's pid namespace"
-    );
-    assert_eq!(first["pid"], 1, "{engine}: {first}");
-    assert_eq!(first["listen_fds"], "2", "{engine}: {first}");
-    assert_eq!(first["listen_pid"], "1", "{engine}: {first}");
-    assert_eq!(first["served_name"], "web", "{engine}: {first}");
-    // fd isolation: stdio and its own two listeners, nothing of the daemon's (the
-    // other unit's listener, the control socket, epoll, the log) and no engine
-    // extras: crun keeps only --preserve-fds, podman passes LISTEN_FDS only.
-    assert_eq!(
-        first["open_fds"],
-        serde_json::json!([0, 1, 2, 3, 4]),
-        "{engine}: the guest's fds at start: {first}"
-    );
-    assert_eq!(
-        own_listeners(&first),
-        [
-            format!("3 127.0.0.1:{}", ports[0]),
-            format!("4 127.0.0.1:{}", ports[1])
-        ],
-        "{engine}: fds 3 and 4 are not the unit's listeners: {first}"
-    );
+    let served = served_from_container(engine, ports, ["web", "api"], Duration::from_secs(60));
+    assert_eq!(served.info["listen_pid"], "1", "{engine}: {}", served.info);
     // Seen from the host: 0 is /dev/null; 1 and 2 are the daemon's stderr (crun)
-    // or conmon's log pipes (podman); no other fd.
-    let host_view = init_fds_of_namespace(&ns);
-    eprintln!("{engine}: the container init's fds, seen from the host: {host_view:?}");
+    // or conmon's log pipes (podman); no other fd: crun keeps only --preserve-fds,
+    // podman passes LISTEN_FDS only.
     assert_eq!(
-        host_view.iter().map(|(fd, _)| *fd).collect::<Vec<_>>(),
+        served
+            .host_view
+            .iter()
+            .map(|(fd, _)| *fd)
+            .collect::<Vec<_>>(),
         [0, 1, 2, 3, 4],
-        "{engine}: {host_view:?}"
+        "{engine}: {:?}",
+        served.host_view
     );
-    let (second, _) = hello_info(addr(ports[1]), Duration::from_secs(30))
-        .unwrap_or_else(|e| panic!("{engine}: second listener: {e}"));
-    assert_eq!(second["pid_namespace"], ns.as_str(), "{engine}: {second}");
-    assert_eq!(second["served_name"], "api", "{engine}: {second}");
-    (ns, reply.total)
+    (served.ns, served.total)
 }
 
 /// What an engine test does once the daemon runs.
