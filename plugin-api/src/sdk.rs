@@ -538,6 +538,15 @@ mod tests {
         }
     }
 
+    /// An empty error buffer over `bytes`.
+    fn error_buf(bytes: &mut [u8]) -> PwErrorBuf {
+        PwErrorBuf {
+            ptr: bytes.as_mut_ptr(),
+            cap: bytes.len(),
+            len: 0,
+        }
+    }
+
     fn error_text(bytes: &[u8], buf: &PwErrorBuf) -> String {
         String::from_utf8(bytes[..buf.len].to_vec()).unwrap()
     }
@@ -546,11 +555,7 @@ mod tests {
     fn create_activate_stop_destroy_through_the_abi() {
         let host = host();
         let mut bytes = vec![0u8; 64];
-        let mut error = PwErrorBuf {
-            ptr: bytes.as_mut_ptr(),
-            cap: bytes.len(),
-            len: 0,
-        };
+        let mut error = error_buf(&mut bytes);
         let mut instance = std::ptr::null_mut();
         // SAFETY: valid host table, options and out-pointers for the call.
         let status =
@@ -618,11 +623,7 @@ mod tests {
     fn errors_and_panics_become_status_codes_and_truncated_messages() {
         let host = host();
         let mut bytes = vec![0u8; 20];
-        let mut error = PwErrorBuf {
-            ptr: bytes.as_mut_ptr(),
-            cap: bytes.len(),
-            len: 0,
-        };
+        let mut error = error_buf(&mut bytes);
         let mut instance = std::ptr::null_mut();
         // SAFETY: valid pointers for the call.
         let status =
