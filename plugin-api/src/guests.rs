@@ -1,6 +1,7 @@
 //! Bookkeeping for plugins whose guest is one host process (the guest itself, or an
 //! engine's foreground process such as `systemd-nspawn` or `crun run`): spawn it,
-//! reap it on a thread of its own, report its exit once, and stop it on request.
+//! reap it (through the library's one reaper thread), report its exit once, and
+//! stop it on request.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,16 +55,17 @@ impl ProcessGuests {
             &format!("watching pid {} for guest {id}", process.pid),
         );
         let (host, guests) = (self.host, self.guests.clone());
-        std::thread::Builder::new()
-            .name(format!("reap-{}", process.pid))
-            .spawn(move || {
-                let exit = guest.data.wait();
+        crate::reaper::watch(
+            process,
+            Box::new(move |exit| {
+                // Whatever the guest left in its process group goes with it.
                 let _ = guest.data.signal(libc::SIGKILL);
                 guest.set_exited(exit);
                 guests.remove(id);
                 host.guest_stopped(id, exit);
-            })
-            .map_err(|e| format!("spawning the reaper thread: {e}"))?;
+            }),
+        )
+        .map_err(|e| format!("watching the guest process: {e}"))?;
         Ok(GuestInfo {
             pid: Some(i64::from(process.pid)),
             handle: process.handle(),

@@ -12,6 +12,7 @@ pub mod abi;
 pub mod guests;
 #[cfg(feature = "ron")]
 pub mod options;
+mod reaper;
 pub mod sdk;
 pub mod spawn;
 mod sys;

@@ -438,36 +438,72 @@ pub(crate) fn kill(target: i32, signal: c_int) -> io::Result<bool> {
     }
 }
 
-/// Blocks until process `pid` (not necessarily our child) has exited, using a pidfd.
-pub(crate) fn wait_exit_of(pid: i32) -> io::Result<()> {
+/// A pidfd for `pid` (close-on-exec): readable once the process has exited.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
-        let e = io::Error::last_os_error();
-        // Already gone and reaped: nothing to wait for.
-        return if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(())
-        } else {
-            Err(e)
-        };
+        return Err(io::Error::last_os_error());
     }
     let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut poll = libc::pollfd {
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks until process `pid` (not necessarily our child) has exited, using a pidfd.
+pub(crate) fn wait_exit_of(pid: i32) -> io::Result<()> {
+    let fd = match pidfd_open(pid) {
+        Ok(fd) => fd,
+        // Already gone and reaped: nothing to wait for.
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut fds = [libc::pollfd {
         fd: fd.as_raw_fd(),
         events: libc::POLLIN,
         revents: 0,
-    };
+    }];
+    poll(&mut fds)
+}
+
+/// poll(2) without a timeout, retried when a signal interrupts it.
+pub(crate) fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
+    let count = libc::nfds_t::try_from(fds.len()).map_err(|_| io::Error::other("too many fds"))?;
     loop {
-        // SAFETY: poll on one valid pollfd; a pidfd becomes readable when the process exits.
-        let r = unsafe { libc::poll(&mut poll, 1, -1) };
-        if r > 0 {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of `count` pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), count, -1) };
+        if r >= 0 {
             return Ok(());
         }
         let e = io::Error::last_os_error();
-        if r < 0 && e.kind() != io::ErrorKind::Interrupted {
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
     }
+}
+
+/// A non-blocking, close-on-exec eventfd, to wake a thread blocked in `poll`.
+pub(crate) fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: eventfd returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes an eventfd readable.
+pub(crate) fn eventfd_signal(fd: BorrowedFd<'_>) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd; a full counter (EAGAIN)
+    // is still readable, which is all a wake-up needs.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
+}
+
+/// Resets an eventfd to not readable.
+pub(crate) fn eventfd_drain(fd: BorrowedFd<'_>) {
+    let mut count: u64 = 0;
+    // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd.
+    let _ = unsafe { libc::read(fd.as_raw_fd(), std::ptr::addr_of_mut!(count).cast(), 8) };
 }
