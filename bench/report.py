@@ -118,8 +118,7 @@ def render(res):
         if errs:
             w(f"\nwrk reported: {errs}")
         w(f"\nThe portwake daemon used **{f(x['daemon_cpu_ms'], 1)} ms CPU and was scheduled "
-          f"{x['daemon_runs']} times** during the {x['load_s']} s of load (counted once the worker thread that "
-          "ran the activation has exited: it lingers 10 s for another plugin call): it is not on the data path. "
+          f"{x['daemon_runs']} times** during the {x['load_s']} s of load: it is not on the data path. "
           f"**portwake / direct, loaded together: {f(rp, 3)}** (p10 {f(tp['p10'], 3)}, p90 {f(tp['p90'], 3)}); "
           f"the A/A control reads {f(ta['median'], 3)} (p10 {f(ta['p10'], 3)}, p90 {f(ta['p90'], 3)}): that "
           f"is this method's resolution, against p10–p90 {f(x['ratio_direct2']['p10'], 3)}–"

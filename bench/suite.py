@@ -447,11 +447,11 @@ def sec_datapath(work, rounds, secs, conns, threads):
             pin(pid, server_cpus)
     for port in ports.values():
         wrk(port, 1, conns, threads, client_cpu)  # warm-up
-    # The worker thread that ran the plugin call lingers (10 s) for another call,
-    # then exits: wait for that, so the counters below see only the load.
+    # The thread that ran the plugin call must be gone (the counters below sum the
+    # live threads), so they see only the load.
     deadline = time.time() + 20
-    while "plugin-call" in thread_names(d.proc.pid) and time.time() < deadline:
-        time.sleep(0.2)
+    while any(n.startswith("activate-") for n in thread_names(d.proc.pid)) and time.time() < deadline:
+        time.sleep(0.05)
     daemon0 = proc_counters(d.proc.pid)
     res = {k: [] for k in ports}
     ratio = {"portwake": [], "proxyd": [], "direct2": []}

@@ -39,7 +39,6 @@ mod deadlines;
 mod handover;
 mod idle;
 mod reload;
-mod workers;
 
 const WAKER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
@@ -220,8 +219,6 @@ pub struct Daemon {
     next_guest: u64,
     /// Backoff ends and activation timeouts, earliest first.
     deadlines: deadlines::Deadlines,
-    /// Threads for plugin calls.
-    workers: workers::Workers,
     /// Set once a stop signal came: the time by which the daemon exits regardless.
     shutdown_deadline: Option<Instant>,
     next_idle_check: Option<Instant>,
@@ -292,7 +289,6 @@ impl Daemon {
             signals,
             next_guest: 1,
             deadlines: deadlines::Deadlines::default(),
-            workers: workers::Workers::default(),
             shutdown_deadline: None,
             next_idle_check: None,
             restart_requested: None,
@@ -660,9 +656,12 @@ impl Daemon {
         });
     }
 
-    /// Runs a plugin call on a thread of its own (see `workers`): it may block for long.
+    /// Runs a plugin call on a thread of its own; calls are rare and may block for long.
+    /// (A pool of idle threads was tried: dispatch fell by 40–60 µs, but a fresh
+    /// guest's first byte rose by 4 %; see bench/README.md F8.)
     fn spawn_worker(&self, u: usize, call: &str, work: impl FnOnce() + Send + 'static) {
-        if let Err(e) = self.workers.run(work) {
+        let name = format!("{call}-{}", self.unit(u).config.name);
+        if let Err(e) = std::thread::Builder::new().name(name).spawn(work) {
             error!(unit = %self.unit(u).config.name, error = %e, call, "cannot spawn a worker thread");
         }
     }
